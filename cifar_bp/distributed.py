@@ -1,0 +1,83 @@
+"""Running under `torchrun`: PyTorch's own process group and DistributedDataParallel.
+
+A single process is a world of one, so the trainer calls the same methods either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# A rank that fails must end the job, not leave the others waiting in a collective forever.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclass
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (a no-op for a single process)."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is true on one (e.g. a signal seen by one rank)."""
+        if not self.active:
+            return flag
+        t = torch.tensor(float(flag), device=device)
+        return bool(self.all_sum(t).item() > 0)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if not self.active:
+            return model
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def world_from_env() -> World:
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), or a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+
+
+def init_process_group(world: World, device: torch.device) -> None:
+    """gloo on the CPU, nccl on CUDA with one GPU per local rank."""
+    if not world.active or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+
+
+def shutdown(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP, so parameter names read `model1.conv1.weight`."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

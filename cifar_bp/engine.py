@@ -1,0 +1,234 @@
+"""The training step and the evaluation pass.
+
+`train_step` reads top to bottom in the order the hardware runs it. Nothing in it makes
+the host wait for the device: the loss, accuracy and gradient norms stay on the device in
+`Meters` and are read back only at log points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cifar_bp.config import Config, OptimConfig, TrainConfig
+from cifar_bp.errors import UsageError
+
+# The scheduler steps even when GradScaler skipped the optimizer step (a float16 overflow);
+# PyTorch warns about that order, but the lr schedule should follow steps taken, not updates.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"train.device={spec}: CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"train.device={spec}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    return device
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype == "float16" and device.type == "cpu":
+        raise UsageError(
+            "train.amp_dtype=float16 is not supported on the CPU: use bfloat16 or --no-amp"
+        )
+    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """float16 needs loss scaling (its range is narrow); bfloat16 and float32 do not.
+
+    A disabled GradScaler passes every call straight through, so the step has one code path.
+    """
+    wanted = cfg.grad_scaler is True or (
+        cfg.grad_scaler == "auto" and cfg.amp and cfg.amp_dtype == "float16"
+    )
+    return torch.amp.GradScaler(device.type, init_scale=cfg.init_scale, enabled=wanted)
+
+
+def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Schedules step once per batch, over the whole run."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_pct,
+            cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0,
+        )  # fmt: skip
+    return None
+
+
+@dataclass
+class Meters:
+    """Running sums kept on the device between log points (no host sync per step)."""
+
+    device: torch.device
+    values: dict[str, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        names = ("loss_sum", "steps", "seen", "correct", "skipped", "streak", "max_streak")
+        self.values = {name: zero.clone() for name in names}
+        self.values["streak_start"] = zero.clone()
+        self.values["step"] = zero.clone()
+
+    def update(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        total_norm: torch.Tensor,
+    ) -> None:
+        v = self.values
+        v["step"] += 1
+        bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
+        # A non-finite step is skipped by an active GradScaler, or ruins the weights without one.
+        v["skipped"] += bad
+        v["streak"] = (v["streak"] + 1) * bad
+        v["max_streak"] = torch.maximum(v["max_streak"], v["streak"])
+        # Where the current run of bad steps began: the step a divergence message names.
+        v["streak_start"] = torch.where(v["streak"] == 1, v["step"], v["streak_start"])
+        v["loss_sum"] += torch.where(bad, 0.0, loss.float())
+        v["steps"] += ~bad
+        v["seen"] += labels.numel()
+        v["correct"] += (logits.argmax(1) == labels).sum()
+
+    def read(self) -> dict[str, float]:
+        """The one host read-back: a single stacked copy instead of one `.item()` each."""
+        names = list(self.values)
+        numbers = torch.stack([self.values[n].float() for n in names]).tolist()
+        return dict(zip(names, numbers, strict=True))
+
+    def reset_window(self) -> None:
+        for name in ("loss_sum", "steps", "max_streak"):
+            self.values[name].zero_()
+
+
+@dataclass
+class Machinery:
+    """Everything one training step touches."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    grad_clip: float | None
+    params: list[nn.Parameter]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def train_step(
+    m: Machinery, images: torch.Tensor, labels: torch.Tensor, meters: Meters
+) -> torch.Tensor:
+    """One optimisation step; returns the per-parameter gradient norms (on the device)."""
+    # set_to_none frees the old gradients instead of writing zeros into them.
+    m.optimizer.zero_grad(set_to_none=True)
+    with m.autocast():
+        logits = m.model(images)
+        # The loss in float32: softmax and log of float16 logits lose too much precision.
+        loss = m.loss_fn(logits.float(), labels)
+    # With float16 the loss is multiplied by the scale, so small gradients do not flush to 0.
+    m.scaler.scale(loss).backward()
+    # Divide the scale back out now, so that norms and clipping see the true gradients.
+    m.scaler.unscale_(m.optimizer)
+    norms = grad_norms(m.params)
+    total = torch.linalg.vector_norm(norms)
+    if m.grad_clip is not None:
+        # clip_grad_norm_ would recompute the norms; reuse ours (no host sync either way).
+        factor = (m.grad_clip / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in m.params], factor)
+    # step() skips the update if any gradient is inf/NaN; update() then lowers the scale.
+    m.scaler.step(m.optimizer)
+    m.scaler.update()
+    if m.scheduler is not None:
+        m.scheduler.step()
+    meters.update(loss.detach(), logits.detach(), labels, total)
+    return norms
+
+
+def grad_norms(params: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of every parameter's gradient in one fused kernel, as one device tensor."""
+    return torch.stack(torch._foreach_norm([p.grad for p in params])).float()
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    per_class: list[float]  # accuracy of each class (NaN where a class has no images)
+    count: int
+
+
+@torch.no_grad()
+def evaluate(m: Machinery, batches: object, num_classes: int = 10) -> EvalResult:
+    """Mean per-image loss and accuracy over the batches, read back once at the end."""
+    was_training = m.model.training
+    m.model.eval()
+    loss_sum = torch.zeros((), device=m.device, dtype=torch.float64)
+    hits = torch.zeros(num_classes, device=m.device)
+    totals = torch.zeros(num_classes, device=m.device)
+    for images, labels in batches:  # type: ignore[attr-defined]
+        with m.autocast():
+            logits = m.model(images)
+        loss_sum += m.loss_fn(logits.float(), labels).double() * _per_batch(m, labels)
+        correct = (logits.argmax(1) == labels).float()
+        totals += torch.bincount(labels, minlength=num_classes)[:num_classes]
+        hits.index_add_(0, labels, correct)
+    m.model.train(was_training)
+    return summarize(loss_sum, hits, totals)
+
+
+def _per_batch(m: Machinery, labels: torch.Tensor) -> float:
+    """Weight that turns a batch's loss into a sum over its images."""
+    reduction = getattr(m.loss_fn, "reduction", None) or m.loss_fn.criterion.reduction
+    return labels.numel() if reduction == "mean" else 1.0
+
+
+def summarize(loss_sum: torch.Tensor, hits: torch.Tensor, totals: torch.Tensor) -> EvalResult:
+    count = int(totals.sum().item())
+    per_class = (hits / totals).tolist()
+    return EvalResult(
+        loss=loss_sum.item() / max(count, 1),
+        accuracy=hits.sum().item() / max(count, 1),
+        per_class=per_class,
+        count=count,
+    )
+
+
+def check_trainable(cfg: Config) -> None:
+    if cfg.loss.reduction == "none":
+        raise UsageError(
+            "loss.reduction=none gives one loss per element, but backward() needs a scalar: "
+            "train with mean or sum (cifar-bp inspect-grads shows what 'none' sends back)"
+        )

@@ -1,0 +1,67 @@
+"""`cifar-bp evaluate`: score a checkpoint on its own data or on other data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_bp.checkpoint import load_checkpoint, load_model_state
+from cifar_bp.config import Config, read_yaml, resolve_config
+from cifar_bp.engine import EvalResult, Machinery, evaluate, resolve_device
+from cifar_bp.errors import UsageError
+from cifar_bp.losses import build_loss
+from cifar_bp.model import build_model
+from cifar_bp.resume import checkpoint_config
+
+# Only these may differ from the checkpoint's config: the model is the checkpoint's.
+EVAL_KEYS = ("data.", "train.eval_batch_size", "train.device")
+
+
+@dataclass
+class Outcome:
+    checkpoint: Path
+    classes: list[str]
+    results: dict[str, EvalResult]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "classes": self.classes,
+            "results": {k: asdict(v) for k, v in self.results.items()},
+        }
+
+
+def eval_config(
+    payload: dict[str, Any], path: Path, config_path: Path | None, sets: list[str]
+) -> Config:
+    base = checkpoint_config(payload, path)
+    if config_path is not None:
+        base = {**base, "data": read_yaml(config_path).get("data", {})}
+    for item in sets:
+        if not item.split("=", 1)[0].strip().startswith(EVAL_KEYS):
+            raise UsageError(f"--set {item}: evaluate takes data.* and train.device overrides only")
+    return resolve_config(None, {}, sets, base=base)
+
+
+def evaluate_checkpoint(
+    path: Path, config_path: Path | None, sets: list[str], device: str | None
+) -> Outcome:
+    from cifar_bp.data import DeviceLoader, load_dataset
+
+    payload = load_checkpoint(path)
+    cfg = eval_config(
+        payload, path, config_path, sets + ([f"train.device={device}"] if device else [])
+    )
+    dev = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, dev)
+    load_model_state(model, payload["model"], path)
+    data = load_dataset(cfg.data, cfg.train.seed)
+    m = Machinery(model, build_loss(cfg.loss).to(dev), None, None, None, dev, None, None, [])  # type: ignore[arg-type]
+    results = {}
+    for name, split in (("val", data.val), ("test", data.test)):
+        if split is not None:
+            loader = DeviceLoader(split, cfg.data, cfg.train.eval_batch_size, dev, train=False,
+                                  channels_last=cfg.model.channels_last)  # fmt: skip
+            results[name] = evaluate(m, loader.epoch(0))
+    return Outcome(path, list(data.classes), results)

@@ -1,0 +1,59 @@
+"""The loss factory: CrossEntropy, MSE and L1, as the tutorial uses them.
+
+`make_criterion` gives the plain `torch.nn` loss (used for the tutorial's worked
+examples). `build_loss` adapts it to classification: MSE and L1 compare one-hot
+targets with softmax probabilities (or raw logits when `loss.input: logits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_bp.config import LossConfig
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSS_NAMES = ("ce", "mse", "l1")
+
+
+def make_criterion(cfg: LossConfig) -> nn.Module:
+    if cfg.name == "ce":
+        weight = torch.tensor(cfg.weight) if cfg.weight is not None else None
+        return nn.CrossEntropyLoss(
+            weight=weight,
+            ignore_index=cfg.ignore_index,
+            label_smoothing=cfg.label_smoothing,
+            reduction=cfg.reduction,
+        )
+    return {"mse": nn.MSELoss, "l1": nn.L1Loss}[cfg.name](reduction=cfg.reduction)
+
+
+class OneHotLoss(nn.Module):
+    """MSE/L1 for classification: the regression loss against one-hot targets."""
+
+    def __init__(self, criterion: nn.Module, num_classes: int, on_probs: bool) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.on_probs = on_probs
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        prediction = logits.softmax(dim=1) if self.on_probs else logits
+        target = F.one_hot(labels, self.num_classes).to(prediction.dtype)
+        return self.criterion(prediction, target)
+
+
+def build_loss(cfg: LossConfig, num_classes: int = 10) -> nn.Module:
+    """A module called as `loss_fn(logits, labels)`, whatever the loss."""
+    criterion = make_criterion(cfg)
+    if cfg.name == "ce":
+        return criterion
+    return OneHotLoss(criterion, num_classes, on_probs=cfg.input == "probs")
+
+
+def elements_averaged(cfg: LossConfig, batch_size: int, num_classes: int = 10) -> int:
+    """How many terms `reduction: mean` divides by, i.e. the factor between sum and mean."""
+    return batch_size if cfg.name == "ce" else batch_size * num_classes

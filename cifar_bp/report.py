@@ -1,0 +1,160 @@
+"""What the terminal shows: a rich progress bar on a TTY, plain lines otherwise, or nothing.
+
+Errors always go to stderr as one line (see `cli.fail`); everything here goes to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class QuietReporter:
+    def note(self, message: str) -> None:
+        pass
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        pass
+
+    def progress(self, done: int, loss: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class PlainReporter(QuietReporter):
+    """One line per log point: readable in CI logs, files and `tee`."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.epoch, self.epochs, self.steps = 0, 0, 0
+
+    def note(self, message: str) -> None:
+        print(f"{self.prefix}{message}", flush=True)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        if done:
+            self.note(f"epoch {epoch}/{epochs}: resuming at step {done}/{steps}")
+
+    def progress(self, done: int, loss: float, images_per_s: float) -> None:
+        rate = f"  {images_per_s:,.0f} img/s" if images_per_s > 0 else ""
+        self.note(
+            f"epoch {self.epoch}/{self.epochs} step {done}/{self.steps}  loss {loss:.4f}{rate}"
+        )
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        shown = "  ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("epoch_seconds")
+        )
+        self.note(f"epoch {epoch}/{self.epochs} done in {seconds:.1f}s  {shown}")
+
+
+class RichReporter(PlainReporter):
+    """A live progress bar per epoch with step, loss, images/s and ETA."""
+
+    def __init__(self, prefix: str = "") -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        super().__init__(prefix)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task: Any = None
+        self.bar.start()
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(f"{self.prefix}{message}")
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        super().epoch_start(epoch, epochs, steps, 0)
+        self.task = self.bar.add_task(
+            f"{self.prefix}epoch {epoch}/{epochs}", total=steps, completed=done, loss="-", rate="-"
+        )
+
+    def progress(self, done: int, loss: float, images_per_s: float) -> None:
+        rate = f"{images_per_s:,.0f}" if images_per_s > 0 else "-"
+        self.bar.update(self.task, completed=done, loss=f"{loss:.4f}", rate=rate)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        self.bar.update(self.task, completed=self.steps)
+        super().epoch_end(epoch, metrics, seconds)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+def make_reporter(quiet: bool, prefix: str = "") -> QuietReporter:
+    if quiet:
+        return QuietReporter()
+    if sys.stdout.isatty():
+        return RichReporter(prefix)
+    return PlainReporter(prefix)
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    out = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        out.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*(fmt(cell) for cell in row))
+    return out
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}"
+    return str(value)
+
+
+def print_run_summary(result: Any, quiet: bool = False) -> None:
+    """The end-of-run table: metrics, time, run directory and checkpoint."""
+    rows: list[tuple[str, Any]] = [(k, v) for k, v in result.metrics.items()]
+    rows += [("global step", result.global_step), ("train time", f"{result.seconds:.1f}s")]
+    if result.stopped_by:
+        rows.append(("stopped by", result.stopped_by))
+    console.print(table("Run summary", ["", "value"], rows))
+    # Paths as plain lines: a table column would cut them short on a narrow terminal.
+    console.print(f"run directory: {result.run_dir}", soft_wrap=True)
+    console.print(f"checkpoint:    {result.checkpoint}", soft_wrap=True)
+    if result.stopped_by:
+        console.print(f"resume with: cifar-bp train --resume {result.run_dir}")
+
+
+def print_evaluation(outcome: Any, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(outcome.as_dict(), indent=2))
+        return
+    for split, result in outcome.results.items():
+        console.print(f"{split}: loss {result.loss:.4f}  accuracy {result.accuracy:.4f} "
+                      f"({result.count} images)")  # fmt: skip
+        rows = zip(outcome.classes, result.per_class, strict=True)
+        console.print(table(f"{split} accuracy per class", ["class", "accuracy"], rows))

@@ -1,0 +1,117 @@
+"""The config error matrix: every bad input is exit 2, one clear line, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifar_bp.config import DEFAULT_CONFIG, Config, resolve_config
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+BAD_FILES = [
+    ("data:\n  sourc: synthetic\n", "unknown key 'data.sourc'"),
+    ("train:\n  batch_size: abc\n", "train.batch_size: must be a valid integer"),
+    ("train:\n  batch_size: 0\n", "train.batch_size: must be greater than or equal to 1"),
+    ("optim:\n  lr: -1\n", "optim.lr: must be greater than 0"),
+    ("loss:\n  name: hinge\n", "loss.name: must be 'ce', 'mse' or 'l1'"),
+    ("loss:\n  reduction: avg\n", "loss.reduction: must be 'mean', 'sum' or 'none'"),
+    ("train:\n  device: tpu\n", "device must be auto, cpu, cuda or cuda:N"),
+    ("optim:\n  name: lion\n", "optim.name: must be 'sgd', 'adam' or 'adamw'"),
+    ("train:\n  epochs: [1\n", "malformed YAML at line"),
+    ("optim: {lr: 0.1\n", "malformed YAML at line"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("bogus:\n  x: 1\n", "unknown key 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_FILES)
+def test_bad_config_file_is_one_clear_line(cli, tmp_path, text, message):
+    path = write(tmp_path, text)
+    result = cli("config", "show", "--config", path)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert str(path) in result.stderr  # names the file
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--loss", "hinge"], "--loss: loss.name: must be 'ce', 'mse' or 'l1'"),
+        (["--reduction", "avg"], "--reduction: loss.reduction"),
+        (["--device", "gpu"], "--device: train.device"),
+        (["--batch-size", "0"], "--batch-size: train.batch_size"),
+        (["--lr", "-1"], "--lr: optim.lr: must be greater than 0"),
+        (["--set", "optim.name=lion"], "--set optim.name=lion: optim.name"),
+        (["--set", "nokey"], "expected section.key=value"),
+        (["--set", "train.batchsize=3"], "unknown key 'train.batchsize'"),
+        (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+    ],
+)
+def test_bad_flags_name_their_origin(cli, args, message):
+    result = cli("config", "show", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_rejects_reduction_none(cli, tmp_path):
+    result = cli("train", "--config", ROOT / "configs/smoke.yaml", "--reduction", "none",
+                 "--logdir", tmp_path)  # fmt: skip
+    assert result.exit_code == 2
+    assert "backward() needs a scalar" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_resolution_order_file_then_flags_then_set():
+    cfg = resolve_config(
+        ROOT / "configs/smoke.yaml", {"lr": 0.5, "loss": "mse"}, ["optim.lr=0.25", "train.amp=true"]
+    )
+    assert cfg.data.source == "synthetic"  # from the file
+    assert cfg.loss.name == "mse"  # from a flag
+    assert cfg.optim.lr == 0.25  # --set wins over --lr
+    assert cfg.train.amp is True
+
+
+def test_config_show_prints_resolved_yaml(cli):
+    result = cli("config", "show", "--config", ROOT / "configs/smoke.yaml", "--epochs", "7")
+    assert result.exit_code == 0
+    shown = yaml.safe_load(result.stdout)
+    assert shown["train"]["epochs"] == 7
+    assert shown["data"]["source"] == "synthetic"
+    assert Config.model_validate(shown).train.epochs == 7
+
+
+def test_default_yaml_is_the_schema_default():
+    """Without --config the tool reads configs/default.yaml; the schema agrees with it."""
+    assert yaml.safe_load(DEFAULT_CONFIG.read_text()) == Config().model_dump(mode="json")
+    assert resolve_config(None) == Config()
+
+
+@pytest.mark.parametrize("name", ["default", "article", "smoke", "mse", "l1"])
+def test_shipped_configs_validate(name):
+    cfg = resolve_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.loss.reduction in {"mean", "sum"}
+
+
+def test_article_is_the_tutorial_recipe():
+    cfg = resolve_config(ROOT / "configs/article.yaml")
+    assert (cfg.loss.name, cfg.optim.name, cfg.optim.lr, cfg.train.batch_size) == (
+        "ce",
+        "sgd",
+        0.01,
+        64,
+    )
+    assert cfg.optim.momentum == 0 and cfg.optim.scheduler == "none"
+    assert cfg.data.normalize is False and cfg.data.augment is None
+    assert cfg.train.epochs == 10

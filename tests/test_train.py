@@ -1,0 +1,135 @@
+"""`cifar-bp train` on configs/smoke.yaml through the real CLI, read back from TensorBoard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifar_bp.cli import app
+from cifar_bp.config import resolve_config
+from cifar_bp.engine import Meters, grad_norms, train_step
+from cifar_bp.trainer import build_machinery, pick_device
+from cifar_bp.distributed import World
+from tests.conftest import SMOKE, only_run, scalars
+
+PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
+          for kind in ("weight", "bias")]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["ce", "mse", "l1"])
+def smoke_run(request, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp(f"runs-{request.param}")
+    result = CliRunner().invoke(
+        app, ["train", "--config", str(SMOKE), "--loss", request.param, "--logdir", str(logdir)]
+    )
+    return request.param, result, only_run(logdir)
+
+
+def test_smoke_train_learns(smoke_run):
+    loss, result, run_dir = smoke_run
+    assert result.exit_code == 0, result.stderr
+    series = scalars(run_dir)
+    losses = [v for _, v in series["train/loss"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, f"{loss} loss did not fall"
+    assert series["test/accuracy"][-1][1] > 0.5
+    assert "Run summary" in result.stdout and str(run_dir) in result.stdout
+
+
+def test_smoke_run_writes_every_tag(smoke_run):
+    _, _, run_dir = smoke_run
+    series = scalars(run_dir)
+    expected = {"train/loss", "train/lr", "train/images_per_s", "grad_norm/total",
+                "train/accuracy", "test/loss", "test/accuracy"}  # fmt: skip
+    expected |= {f"grad_norm/{name}" for name in PARAMS}
+    assert expected <= set(series)
+    for tag in expected:
+        assert all(math.isfinite(v) for _, v in series[tag]), tag
+    # 3 epochs of 32 steps; epoch metrics land on the epoch's last step.
+    assert [s for s, _ in series["test/accuracy"]] == [32, 64, 96]
+    total = series["grad_norm/total"][-1][1]
+    parts = [series[f"grad_norm/{n}"][-1][1] for n in PARAMS]
+    assert total == pytest.approx(math.sqrt(sum(p * p for p in parts)), rel=1e-5)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file()
+
+
+def test_run_directory_is_never_overwritten(cli, tmp_path):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--run-name", "once",
+            "--epochs", "1", "--set", "data.train_size=256", "-q"]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "once").iterdir())
+    again = cli(*args)
+    assert again.exit_code == 2
+    assert "already exists" in again.stderr and "--resume" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "once").iterdir()) == before
+
+
+def test_offline_cifar10_gives_one_clear_message(cli, tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    result = cli("train", "--config", SMOKE, "--logdir", tmp_path / "runs",
+                 "--set", "data.source=cifar10", "--set", f"data.root={empty}",
+                 "--set", "data.download=false")  # fmt: skip
+    assert result.exit_code == 1
+    assert "CIFAR-10 not found" in result.stderr
+    assert "cifar-10-python.tar.gz" in result.stderr and "configs/smoke.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+def _machinery(init_scale: float):
+    cfg = resolve_config(SMOKE, {}, ["train.grad_scaler=true", f"train.init_scale={init_scale}"])
+    return cfg, build_machinery(cfg, pick_device(cfg, World()), World(), steps=10)
+
+
+def test_grad_scaler_norms_are_the_unscaled_norms():
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    _, m = _machinery(2.0**20)
+    reference = [p.detach().clone() for p in m.params]
+    # The true gradients, computed by hand without any scaler.
+    model = type(m.model)()
+    model.load_state_dict(m.model.state_dict())
+    m.loss_fn(model(images), labels).backward()
+    expected = grad_norms(list(model.parameters()))
+    norms = train_step(m, images, labels, Meters(m.device))
+    assert torch.allclose(norms, expected, rtol=1e-5)
+    assert m.scaler.get_scale() == 2.0**20  # nothing overflowed
+    assert not all(torch.equal(a, b) for a, b in zip(reference, m.params, strict=True))
+
+
+def test_grad_scaler_skipped_steps_are_counted():
+    torch.manual_seed(0)
+    # Large inputs give conv1 gradients above 1, which overflow float32 once scaled by 3e38.
+    images, labels = 1e4 * torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    _, m = _machinery(3e38)  # so large that the scaled gradients overflow float32
+    meters = Meters(m.device)
+    halvings = 0
+    for _ in range(40):
+        before = [p.detach().clone() for p in m.params]
+        scale = m.scaler.get_scale()
+        train_step(m, images, labels, meters)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, m.params, strict=True))
+        if m.scaler.get_scale() < scale:  # a skipped step: the scale halves (backoff 0.5)
+            halvings += 1
+            assert unchanged and m.scaler.get_scale() == pytest.approx(scale / 2)
+        else:
+            assert not unchanged
+    assert halvings > 0
+    assert meters.read()["skipped"] == halvings
+
+
+def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
+    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
+                 "--set", "train.grad_scaler=true", "--set", "train.init_scale=3e38",
+                 "--set", "data.normalize=true", "--set", "data.std=[1e-4, 1e-4, 1e-4]",
+                 "--set", "log.every_n_steps=1", "--set", "train.max_nonfinite_steps=50")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    series = scalars(only_run(tmp_path))
+    skipped = [v for _, v in series["amp/skipped_steps"]]
+    scale = [v for _, v in series["amp/scale"]]
+    assert skipped[-1] > 0 and skipped == sorted(skipped)
+    assert scale[-1] == pytest.approx(3e38 * 0.5 ** skipped[-1], rel=1e-6)
