@@ -217,6 +217,8 @@ def train(
 def fit(run: Run, reporter: Reporter, stop: StopRequest) -> RunResult:
     cfg, pos = run.cfg, run.pos
     result = RunResult(run.run_dir, run.run_dir / "last.pt")
+    for note in run.data.notes:
+        reporter.note(note)
     steps = len(run.train_loader)
     metrics: dict[str, float] = {}
     while pos.epoch < cfg.train.epochs:

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from cifar_bp.cli import app
 from cifar_bp.config import resolve_config
+from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, grad_norms, train_step
 from cifar_bp.trainer import build_machinery, pick_device
-from cifar_bp.distributed import World
 from tests.conftest import SMOKE, only_run, scalars
 
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
@@ -126,7 +126,8 @@ def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
     result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
                  "--set", "train.grad_scaler=true", "--set", "train.init_scale=3e38",
                  "--set", "data.normalize=true", "--set", "data.std=[1e-4, 1e-4, 1e-4]",
-                 "--set", "log.every_n_steps=1", "--set", "train.max_nonfinite_steps=50")  # fmt: skip
+                 "--set", "log.every_n_steps=1",
+                 "--set", "train.max_nonfinite_steps=50")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     series = scalars(only_run(tmp_path))
     skipped = [v for _, v in series["amp/skipped_steps"]]
