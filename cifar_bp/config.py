@@ -6,6 +6,7 @@ mistake becomes a `UsageError` naming the file, the key path and what would be a
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -214,7 +215,7 @@ def resolve_config(
 
     Without a file, `configs/default.yaml` is read when it is present beside the package.
     """
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(base or {})
     if path is None and base is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     origins: dict[str, str] = {}

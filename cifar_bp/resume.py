@@ -126,5 +126,9 @@ def prepare_resume(
     changes = check_resume_config(old, cfg, force)
     where = f"epoch {payload['epoch'] + 1}, step {payload['global_step']}"
     notes = [f"resuming {path} at {where}"]
+    if payload["epoch"] >= cfg.train.epochs:
+        notes.append(
+            f"that run already completed {cfg.train.epochs} epoch(s): pass --epochs N to go on"
+        )
     notes += [f"changed on resume: {key}" for key in changes]
     return cfg, payload, path.parent, notes

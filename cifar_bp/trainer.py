@@ -153,18 +153,22 @@ def restore(
 ) -> Position:
     """Put model, optimizer, scheduler, scaler, meters and RNGs back where they were."""
     ckpt.load_model_state(unwrap_model(m), payload["model"], Path("checkpoint"))
-    m.optimizer.load_state_dict(payload["optimizer"])
+    pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    # A forced change of optim.* must take effect: the saved state would restore the old lr.
+    same_optim = payload["config"].get("optim") == cfg.optim.model_dump(mode="json")
+    if same_optim:
+        m.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scaler"):
         m.scaler.load_state_dict(payload["scaler"])
-    pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
     if m.scheduler is not None:
-        if payload.get("schedule_steps") == steps * cfg.train.epochs:
+        if same_optim and payload.get("schedule_steps") == steps * cfg.train.epochs:
             m.scheduler.load_state_dict(payload["scheduler"])
-        else:  # epochs changed: the schedule is stretched; catch it up to this step
+        else:  # epochs or schedule changed: recompute the schedule up to this step
             for _ in range(pos.global_step):
                 m.scheduler.step()
     for name, value in payload.get("meters", {}).items():
-        meters.values[name].copy_(value)
+        if name in meters.values:
+            meters.values[name].copy_(value)
     set_rng_state(payload["rng"], m.device)
     return pos
 
@@ -224,7 +228,7 @@ def fit(run: Run, reporter: Reporter, stop: StopRequest) -> RunResult:
     while pos.epoch < cfg.train.epochs:
         reporter.epoch_start(pos.epoch + 1, cfg.train.epochs, steps, pos.step_in_epoch)
         started = time.perf_counter()
-        stopped = run_epoch(run, reporter, stop, started)
+        stopped = run_epoch(run, reporter, stop)
         run.elapsed += time.perf_counter() - started
         if stopped:
             result.stopped_by = stop.name
@@ -239,7 +243,7 @@ def fit(run: Run, reporter: Reporter, stop: StopRequest) -> RunResult:
     return result
 
 
-def run_epoch(run: Run, reporter: Reporter, stop: StopRequest, started: float) -> bool:
+def run_epoch(run: Run, reporter: Reporter, stop: StopRequest) -> bool:
     """Train one epoch (or its remainder); True when a signal asked us to stop."""
     pos, every = run.pos, run.cfg.log.every_n_steps
     window_start, window_images = time.perf_counter(), 0
@@ -247,13 +251,19 @@ def run_epoch(run: Run, reporter: Reporter, stop: StopRequest, started: float) -
     for images, labels in batches:
         norms = train_step(run.m, images, labels, run.meters)
         pos.advance()
+        if run.m.device.type == "cpu":
+            # CPU work is synchronous, so checking every step costs nothing and stops a
+            # divergence after exactly max_nonfinite_steps; CUDA checks at log points.
+            check_health(run, run.meters.read())
         window_images += len(labels) * run.world.size
         last_of_epoch = pos.step_in_epoch == len(run.train_loader)
-        if pos.global_step % every == 0 or last_of_epoch:
+        at_log_point = pos.global_step % every == 0 or last_of_epoch
+        if at_log_point:
             rate = window_images / max(time.perf_counter() - window_start, 1e-9)
             log_window(run, reporter, norms, rate)
             window_start, window_images = time.perf_counter(), 0
-        if stop.requested(run.m.device):
+        # Under DDP, agreeing on a stop is a collective: do it only where we sync anyway.
+        if (at_log_point or not run.world.active) and stop.requested(run.m.device):
             log_window(run, reporter, norms, 0.0)  # keep the partial window's points
             save(run)
             return True
@@ -270,9 +280,13 @@ def read_meters(run: Run) -> dict[str, float]:
     if run.world.active:
         summed = torch.tensor([values[n] for n in SUMMED], device=run.m.device)
         values.update(zip(SUMMED, run.world.all_sum(summed).tolist(), strict=True))
+    check_health(run, values)
+    return values
+
+
+def check_health(run: Run, values: dict[str, float]) -> None:
     if values["max_streak"] >= run.cfg.train.max_nonfinite_steps:
         raise diverged(run, values)
-    return values
 
 
 SUMMED = ("loss_sum", "steps", "seen", "correct")
