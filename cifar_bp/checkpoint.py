@@ -7,6 +7,7 @@ data), so `torch.load(weights_only=True)` can read it without running pickled co
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,14 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     previous checkpoint or the new one, never a torn file. On failure (a full disk) the
     temporary file is removed and the previous checkpoint is untouched.
     """
+    # Serialise in memory first, so an I/O error surfaces as itself (torch.save would wrap
+    # it), and the file is open only for one plain write.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -198,10 +198,188 @@ def config_show(
         typer.echo(resolve_config(config, flags, set_ or []).to_yaml(), nl=False)
 
 
+@app.command()
+def bench(
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu or cuda."),
+    images: int | None = typer.Option(
+        None, "--images", help="Synthetic images per variant [default: 4096 CPU, 16384 CUDA]."
+    ),
+    repeats: int = typer.Option(5, "--repeats", help="Timed epochs per variant after 1 warm-up."),
+    variants: str = typer.Option(
+        "a,b,c",
+        "--variants",
+        help="a tutorial loop, b engine, c fastest; search: nchw,bs256,bs1024,bf16,fp16,compile.",
+    ),
+    compile_: bool = typer.Option(False, "--compile", help="Add torch.compile to (c)."),
+    sync_debug: bool = typer.Option(
+        False, "--sync-debug", help="CUDA: count host syncs in the engine's timed steps."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Images/s of the tutorial's loop (a) against this engine (b, c) on synthetic data.
+
+    Each variant runs in its own process: median of the timed epochs, ratio to (a), peak memory.
+    """
+    from cifar_bp.bench import BenchOptions, print_benchmark, run_benchmark
+
+    opts = BenchOptions(device, images, repeats, variants.split(","), compile_, sync_debug)
+    with user_errors():
+        print_benchmark(run_benchmark(opts), json_out)
+
+
+@app.command("inspect-grads")
+def inspect_grads(
+    config: Path | None = ConfigOpt,
+    loss: str | None = typer.Option(
+        None, "--loss", help="ce, mse, l1, or all (each on the same batch and weights)."
+    ),
+    reduction: str | None = typer.Option(
+        None, "--reduction", help="mean, sum, or none (backward then needs a gradient tensor)."
+    ),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images in the batch (tutorial: 1)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Inspect a trained model (last.pt or run directory)."
+    ),
+    param: str | None = typer.Option(
+        None, "--param", help="Also print part of this gradient, e.g. model1.conv1.weight."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for the fresh weights and batch."),
+    device: str | None = DeviceOpt,
+    set_: list[str] | None = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    logdir: Path | None = typer.Option(
+        None, "--logdir", help="Also write the gradients to TensorBoard under this directory."
+    ),
+) -> None:
+    """Stop where the tutorial's debugger stops: just before and just after loss.backward().
+
+    Shows every parameter's .grad (None) before backward, the batch's loss, then per
+    parameter the gradient's norm, mean, std, max |g|, share of zeros and ‖g‖/‖w‖; and
+    checks that reduction sum gives exactly N (CE) or N·C (MSE, L1) times the mean's
+    gradients.
+
+    Examples:
+
+    * `cifar-bp inspect-grads --loss all` (CE, MSE and L1 side by side)
+    * `cifar-bp inspect-grads --reduction none --param model1.conv1.weight`
+    * `cifar-bp inspect-grads --checkpoint runs/article --batch-size 64`
+    """
+    import json
+
+    from cifar_bp import grads
+
+    flags = flags_of(reduction=reduction, batch_size=batch_size, seed=seed, device=device)
+    with user_errors():
+        cfg, payload = grads.inspect_config(config, flags, set_ or [], checkpoint)
+        losses = grads.loss_names(loss) if loss is not None else [cfg.loss.name]
+        result = grads.inspect_grads(cfg, losses, payload, checkpoint, param)
+        if json_out:
+            for note in result.notes:
+                typer.echo(f"note: {note}", err=True)
+            typer.echo(json.dumps(result.as_dict(), indent=2))
+        else:
+            grads.print_inspection(result)
+        if logdir is not None:
+            where = grads.write_tensorboard(result, logdir)
+            typer.echo(f"TensorBoard: tensorboard --logdir {where}", err=json_out)
+
+
+@app.command()
+def losses(
+    inputs: str | None = typer.Option(
+        None, "--input", help="L1/MSE predictions, e.g. 1,2,3 (tutorial's default)."
+    ),
+    targets: str | None = typer.Option(None, "--target", help="L1/MSE targets, e.g. 1,2,5."),
+    logits: str | None = typer.Option(None, "--logits", help="CE logits, e.g. 0.1,0.2,0.3."),
+    label: str | None = typer.Option(None, "--label", help="CE target class index, e.g. 1."),
+    json_out: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+) -> None:
+    """The tutorial's loss examples, computed live under reductions none, mean and sum.
+
+    L1 and MSE compare inputs with targets element by element; cross-entropy turns logits
+    into probabilities with softmax and takes −log of the true class's probability.
+
+    Examples:
+
+    * `cifar-bp losses` (L1 0.6667, MSE 1.3333, CE 1.1019)
+    * `cifar-bp losses --input 1,2,3 --target 1,2,5 --logits 2,1,0.1 --label 0`
+    """
+    import json
+
+    from cifar_bp import losses as lf
+
+    with user_errors():
+        if (inputs is None) != (targets is None):
+            raise UsageError("--input and --target go together: give both, or neither")
+        z = lf.parse_numbers(logits, "--logits") if logits is not None else None
+        examples = lf.worked_examples(
+            lf.parse_numbers(inputs, "--input") if inputs is not None else None,
+            lf.parse_numbers(targets, "--target") if targets is not None else None,
+            z,
+            lf.parse_label(label, len(z or lf.TUTORIAL_LOGITS)) if label is not None else None,
+        )
+        if json_out:
+            typer.echo(json.dumps(examples, indent=2))
+        else:
+            lf.print_examples(examples)
+
+
+@app.command()
+def compare(
+    losses: str = typer.Option("ce,mse,l1", "--losses", help="Losses to train, e.g. ce,mse,l1."),
+    reductions: str | None = typer.Option(
+        None, "--reductions", help="Reductions, e.g. mean,sum [default: the config's]."
+    ),
+    config: Path | None = ConfigOpt,
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over the training set."),
+    seed: int | None = typer.Option(None, "--seed", help="Shared seed: weights and data order."),
+    device: str | None = DeviceOpt,
+    set_: list[str] | None = SetOpt,
+    logdir: str | None = typer.Option(None, "--logdir", help="Where the comparison is written."),
+    run_name: str | None = typer.Option(
+        None, "--run-name", help="Name of the comparison's directory [default: compare-<time>]."
+    ),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train one run per loss × reduction from the same weights and data order, then compare.
+
+    Each run gets its own sub-directory of one parent, so `tensorboard --logdir <parent>`
+    overlays their curves; the final table shows train loss, test accuracy, mean gradient
+    norm per layer and wall time per run. Every combination is validated before any trains.
+
+    Example: `cifar-bp compare --config configs/smoke.yaml --losses ce,mse,l1 --reductions mean,sum`
+    """
+    from cifar_bp.compare import (
+        comparison_table,
+        make_compare_reporter,
+        plan_comparison,
+        run_comparison,
+    )
+    from cifar_bp.report import console
+
+    flags = flags_of(epochs=epochs, seed=seed, device=device, logdir=logdir, run_name=run_name)
+    with user_errors():
+        plan = plan_comparison(config, flags, set_ or [], losses, reductions)
+        reporter = make_compare_reporter(quiet)
+        try:
+            outcomes = run_comparison(plan, reporter)
+        finally:
+            reporter.close()
+        console.print(comparison_table(outcomes))
+        console.print(f"runs: {plan.parent}  (tensorboard --logdir {plan.parent})", soft_wrap=True)
+        stopped = next((o.result.stopped_by for o in outcomes if o.result.stopped_by), None)
+        if stopped:
+            from cifar_bp.signals import EXIT_CODES
+
+            raise typer.Exit(EXIT_CODES[stopped])
+
+
 def main() -> None:
     """Entry point: Click's own usage errors already exit 2; ours are mapped in user_errors."""
     try:
         app()
     except UsageError as err:  # raised outside a command body
+        if STATE["debug"]:
+            raise
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

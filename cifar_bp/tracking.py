@@ -25,6 +25,10 @@ def plan_run_dir(cfg: Config) -> Path:
     probe = logdir
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(
+            f"log.logdir {logdir} cannot be created: {probe} is a file, not a directory"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"log.logdir {logdir} cannot be written ({probe} is not writable)")
     if cfg.log.run_name:

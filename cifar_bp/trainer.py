@@ -115,6 +115,7 @@ def setup(cfg: Config, resume: dict[str, Any] | None, run_dir: Path | None) -> R
     check_trainable(cfg)
     world = world_from_env()
     device = pick_device(cfg, world)
+    amp_dtype(cfg.train, device)  # reject float16-on-CPU before any slow work
     init_process_group(world, device)
     data = load_dataset(cfg.data, cfg.train.seed)
     loader = DeviceLoader(

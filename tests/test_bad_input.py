@@ -1,0 +1,185 @@
+"""Every user mistake: one specific line on stderr, the right exit code, no traceback, and the
+file system exactly as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_bp.checkpoint import FORMAT_VERSION, load_checkpoint
+from tests.conftest import SMOKE
+
+TINY = ["--config", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}  # fmt: skip
+
+
+def setup_case(tmp: Path, case: str) -> list[str]:
+    """Lay out what the case needs under tmp and return the `train` arguments."""
+    runs = ["--logdir", str(tmp / "runs")]
+    data = tmp / "data"
+    if case == "x":  # the flags alone are the mistake
+        return []
+    if case == "malformed":
+        (tmp / "c.yaml").write_text("train:\n  epochs: 2\n   batch_size: 64\n")
+        return ["--config", str(tmp / "c.yaml"), *runs]
+    files = {
+        "unknown_key": "optim:\n  learning_rate: 0.1\n",
+        "wrong_type": "train:\n  epochs: many\n",
+        "out_of_range": "train:\n  batch_size: 0\n",
+        "bad_optimizer": "optim:\n  name: rmsprop\n",
+    }
+    if case in files:
+        (tmp / "c.yaml").write_text(files[case])
+        return ["--config", str(tmp / "c.yaml"), *runs]
+    if case == "root_is_file":
+        data.write_text("not a directory")
+    if case == "corrupt_batches":
+        (data / "cifar-10-batches-py").mkdir(parents=True)
+        for name in ["data_batch_1", "test_batch", "batches.meta"]:
+            (data / "cifar-10-batches-py" / name).write_bytes(b"\x00garbage")
+    if case == "logdir_under_file":
+        (tmp / "file").write_text("x")
+        return [*TINY, "--logdir", str(tmp / "file" / "runs")]
+    if case == "run_exists":
+        (tmp / "runs" / "taken").mkdir(parents=True)
+        (tmp / "runs" / "taken" / "config.yaml").write_text("mine\n")
+        return [*TINY, *runs, "--run-name", "taken"]
+    cifar = ["--set", "data.source=cifar10", "--set", f"data.root={data}",
+             "--set", "data.download=false"]  # fmt: skip
+    return [*TINY, *runs, *cifar]
+
+
+CASES = [
+    ("malformed", [], 2, "malformed YAML at line 3, column 14"),
+    ("unknown_key", [], 2, "unknown key 'optim.learning_rate'"),
+    ("wrong_type", [], 2, "train.epochs: must be a valid integer"),
+    ("out_of_range", [], 2, "train.batch_size: must be greater than or equal to 1"),
+    ("bad_optimizer", [], 2, "optim.name: must be 'sgd', 'adam' or 'adamw'"),
+    ("x", ["--loss", "focal"], 2, "loss.name: must be 'ce', 'mse' or 'l1'"),
+    ("x", ["--reduction", "max"], 2, "loss.reduction: must be"),
+    ("x", ["--device", "mps"], 2, "device must be auto, cpu, cuda or cuda:N"),
+    ("x", ["--device", "cuda"], 2, "CUDA is not available on this machine"),
+    ("x", ["--lr", "0"], 2, "optim.lr: must be greater than 0"),
+    ("x", ["--set", "train.amp_dtype=float16", "--amp"], 2, "float16 is not supported on the CPU"),
+    ("data_missing", [], 1, "CIFAR-10 not found or corrupt"),
+    ("root_is_file", [], 1, "is a file, not a directory"),
+    ("corrupt_batches", [], 1, "CIFAR-10 not found or corrupt"),
+    ("logdir_under_file", [], 2, "is a file, not a directory"),
+    ("run_exists", [], 2, "already exists"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "code", "message"), CASES)
+def test_bad_input_is_explained_and_changes_nothing(cli, tmp_path, case, extra, code, message):
+    args = setup_case(tmp_path, case)
+    if not any(a.startswith("--config") for a in args):
+        args = [*TINY, "--logdir", str(tmp_path / "runs"), *args]
+    before = snapshot(tmp_path)
+    result = cli("train", *args, *extra)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert snapshot(tmp_path) == before
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    import sys
+
+    cmd = [sys.executable, "-m", "cifar_bp", "--debug", "train", "--lr", "0",
+           "--logdir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str, readonly: bool = False):
+    where.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_read_only_logdir(cli, tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        result = cli("train", *TINY, "--logdir", ro / "runs")
+        assert result.exit_code == 2
+        assert "cannot be written" in result.stderr
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(cli, tmp_path):
+    # A checkpoint of the smoke run is about 1.8 MB: last.pt and best.pt fit after epoch 1,
+    # and the epoch-2 last.pt has no room beside them.
+    with mounted_tmpfs(tmp_path / "small", "4500k") as small:
+        result = cli("train", *TINY, "--epochs", "3", "--logdir", small, "--run-name", "r",
+                     "--set", "optim.lr=1e-9")  # fmt: skip
+        assert result.exit_code == 1
+        assert "could not write checkpoint" in result.stderr
+        assert "previous checkpoint is intact" in result.stderr
+        survivor = load_checkpoint(small / "r" / "last.pt")
+        assert survivor["epoch"] >= 1
+        assert not list((small / "r").glob(".*tmp*"))  # the partial file was removed
+
+
+def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
+    payload = torch.load(good, weights_only=True)
+    out = {"truncated": tmp / "truncated.pt", "garbage": tmp / "garbage.pt"}
+    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out["garbage"].write_bytes(b"definitely not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
+    out["foreign"] = tmp / "foreign.pt"
+    torch.save({**payload, "format_version": FORMAT_VERSION + 1}, tmp / "future.pt")
+    out["future"] = tmp / "future.pt"
+    misfit = dict(payload["model"])
+    misfit["model1.linear2.weight"] = torch.zeros(5, 64)
+    torch.save({**payload, "model": misfit}, tmp / "misfit.pt")
+    out["misfit"] = tmp / "misfit.pt"
+    return out
+
+
+MESSAGES = {
+    "truncated": "not a readable checkpoint",
+    "garbage": "not a readable checkpoint",
+    "foreign": "not a cifar-bp checkpoint",
+    "future": f"this cifar-bp reads format {FORMAT_VERSION}",
+    "misfit": "do not fit the model",
+}
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> dict[str, Path]:
+    from typer.testing import CliRunner
+
+    from cifar_bp.cli import app
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    result = CliRunner().invoke(app, ["train", *TINY, "--epochs", "1", "--logdir", str(tmp),
+                                      "--run-name", "good"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return bad_checkpoints(tmp, tmp / "good" / "last.pt")
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGES))
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_bad_checkpoints_are_one_clear_message(cli, broken, kind, command):
+    path = broken[kind]
+    if command == "evaluate":
+        result = cli("evaluate", "--checkpoint", path)
+    else:
+        result = cli("train", "--resume", path, "--logdir", path.parent)
+    assert result.exit_code == 1, result.stderr
+    assert MESSAGES[kind] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
