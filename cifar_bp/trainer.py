@@ -128,7 +128,7 @@ def setup(cfg: Config, resume: dict[str, Any] | None, run_dir: Path | None) -> R
     pos = Position()
     meters = Meters(device)
     if resume is not None:
-        pos = restore(resume, m, meters, len(loader), cfg)
+        pos = restore(resume, m, meters, len(loader), cfg, world)
     else:
         run_dir = plan_run_dir(cfg) if world.is_main else Path(cfg.log.logdir)
     assert run_dir is not None
@@ -150,11 +150,16 @@ def unwrap_model(m: Machinery) -> torch.nn.Module:
 
 
 def restore(
-    payload: dict[str, Any], m: Machinery, meters: Meters, steps: int, cfg: Config
+    payload: dict[str, Any], m: Machinery, meters: Meters, steps: int, cfg: Config, world: World
 ) -> Position:
     """Put model, optimizer, scheduler, scaler, meters and RNGs back where they were."""
     ckpt.load_model_state(unwrap_model(m), payload["model"], Path("checkpoint"))
     pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    saved_world = payload.get("world_size", 1)
+    if saved_world != world.size and pos.step_in_epoch:
+        # Mid-epoch positions count global batches; re-count them for this many processes.
+        images = pos.step_in_epoch * cfg.train.batch_size * saved_world
+        pos.step_in_epoch = images // (cfg.train.batch_size * world.size)
     # A forced change of optim.* must take effect: the saved state would restore the old lr.
     same_optim = payload["config"].get("optim") == cfg.optim.model_dump(mode="json")
     if same_optim:
@@ -186,6 +191,7 @@ def payload(run: Run) -> dict[str, Any]:
         "epoch": run.pos.epoch,
         "step_in_epoch": run.pos.step_in_epoch,
         "global_step": run.pos.global_step,
+        "world_size": run.world.size,
         "data_order": {"seed": run.cfg.train.seed, **run.pos.as_dict()},
         "rng": rng_state(m.device),
         "meters": {k: v.detach().cpu() for k, v in run.meters.values.items()},

@@ -1,0 +1,101 @@
+"""torchrun with 2 CPU processes (gloo): one run, ranks in sync, same curve as one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_bp.checkpoint import load_checkpoint
+from tests.conftest import ROOT, SMOKE, scalars
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0"]  # fmt: skip
+# 512 images, no augmentation: 8 global batches of 64 per epoch. SGD, because Adam divides
+# by tiny second moments early on and so amplifies float rounding between the two set-ups.
+DATA = ["data.train_size=512", "data.test_size=128", "log.every_n_steps=1",
+        "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]  # fmt: skip
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    logdir = tmp_path_factory.mktemp("ddp")
+    result = torchrun("-m", "cifar_bp", "train", "--config", str(SMOKE), "--epochs", "2",
+                      "--batch-size", "32", "--logdir", str(logdir), "--run-name", "two",
+                      *sets(*DATA))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logdir
+
+
+def test_one_run_directory_and_one_event_file(ddp_run):
+    assert [p.name for p in ddp_run.iterdir()] == ["two"]
+    assert len(list((ddp_run / "two").glob("events.out.tfevents.*"))) == 1
+    ckpt = load_checkpoint(ddp_run / "two" / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 16
+
+
+def test_matches_one_process_with_the_global_batch(cli, ddp_run, tmp_path):
+    """Per-rank batch 32 on 2 ranks == batch 64 on one process, step for step."""
+    single = cli("train", "--config", SMOKE, "--epochs", "2", "--batch-size", "64", "-q",
+                 "--logdir", tmp_path, "--run-name", "one", *sets(*DATA))  # fmt: skip
+    assert single.exit_code == 0, single.stderr
+    two, one = scalars(ddp_run / "two"), scalars(tmp_path / "one")
+    for tag in ("train/loss", "grad_norm/total"):
+        assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == list(range(1, 17))
+        assert [v for _, v in two[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-3)
+    a = load_checkpoint(ddp_run / "two" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    for key in a:  # relative to each tensor's size: single weights near 0 have no scale
+        assert (a[key] - b[key]).norm() <= 1e-3 * b[key].norm(), key
+
+
+def test_every_rank_ends_with_the_same_weights(tmp_path):
+    result = torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(SMOKE), str(tmp_path),
+                      "train.epochs=1", "train.batch_size=32", f"log.logdir={tmp_path / 'runs'}",
+                      *DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_single_process_resumes_a_torchrun_checkpoint(cli, ddp_run, tmp_path):
+    shutil.copytree(ddp_run / "two", tmp_path / "two")
+    result = cli("train", "--resume", tmp_path / "two", "--epochs", "3", "--batch-size", "64",
+                 "--force", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ckpt = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert ckpt["epoch"] == 3 and ckpt["world_size"] == 1 and ckpt["global_step"] == 24
+
+
+def test_torchrun_resumes_its_own_checkpoint(ddp_run, tmp_path):
+    shutil.copytree(ddp_run / "two", tmp_path / "two")
+    result = torchrun("-m", "cifar_bp", "train", "--resume", str(tmp_path / "two"),
+                      "--epochs", "3", "-q")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "two" / "last.pt")["global_step"] == 24
+
+
+def test_an_error_on_one_rank_ends_the_job_promptly(tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)  # only rank 0 checks the run name
+    started = time.monotonic()
+    args = ["--config", str(SMOKE), "--logdir", str(tmp_path / "runs"), "--run-name", "taken"]
+    result = torchrun("-m", "cifar_bp", "train", *args, *sets(*DATA), timeout=120)
+    assert result.returncode != 0
+    assert "error: rank 0: run" in result.stderr and "already exists" in result.stderr
+    assert time.monotonic() - started < 90
