@@ -31,6 +31,11 @@ class World:
     def active(self) -> bool:
         return self.size > 1
 
+    @property
+    def launched(self) -> bool:
+        """Started by torchrun (its agent forwards signals to every worker)."""
+        return "TORCHELASTIC_RUN_ID" in os.environ
+
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place (a no-op for a single process)."""
         if self.active:

@@ -144,7 +144,10 @@ def print_run_summary(result: Any, quiet: bool = False) -> None:
     console.print(f"run directory: {result.run_dir}", soft_wrap=True)
     console.print(f"checkpoint:    {result.checkpoint}", soft_wrap=True)
     if result.stopped_by:
-        console.print(f"resume with: cifar-bp train --resume {result.run_dir}", soft_wrap=True)
+        launcher = "cifar-bp"
+        if result.world_size > 1:  # resume the same way it was launched
+            launcher = f"torchrun --nproc_per_node={result.world_size} -m cifar_bp"
+        console.print(f"resume with: {launcher} train --resume {result.run_dir}", soft_wrap=True)
 
 
 def print_evaluation(outcome: Any, as_json: bool) -> None:

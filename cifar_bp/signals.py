@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 
 import torch
@@ -16,12 +17,14 @@ import torch
 from cifar_bp.distributed import World
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + signal number, as shells report
+FORWARD_WINDOW_S = 2.0  # seconds within which a repeated signal is torchrun's forward
 
 
 class StopRequest:
     def __init__(self, world: World) -> None:
         self.world = world
         self.name: str | None = None
+        self._first = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -37,9 +40,14 @@ class StopRequest:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.name = signal.Signals(signum).name
+            # Under torchrun one Ctrl-C arrives twice: from the terminal and forwarded by
+            # the launcher. Only a later, deliberate second Ctrl-C aborts.
+            if not (self.world.launched and now - self._first < FORWARD_WINDOW_S):
+                raise KeyboardInterrupt
+            return
+        self.name, self._first = signal.Signals(signum).name, now
 
     def requested(self, device: torch.device) -> bool:
         """Whether to stop after this step; under DDP, every rank stops at the same step."""

@@ -56,6 +56,7 @@ class RunResult:
     seconds: float = 0.0
     stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when interrupted
     global_step: int = 0
+    world_size: int = 1
     grad_norm_means: dict[str, float] = field(default_factory=dict)
 
 
@@ -227,7 +228,7 @@ def train(
 
 def fit(run: Run, reporter: Reporter, stop: StopRequest) -> RunResult:
     cfg, pos = run.cfg, run.pos
-    result = RunResult(run.run_dir, run.run_dir / "last.pt")
+    result = RunResult(run.run_dir, run.run_dir / "last.pt", world_size=run.world.size)
     for note in run.data.notes:
         reporter.note(note)
     steps = len(run.train_loader)
@@ -269,8 +270,10 @@ def run_epoch(run: Run, reporter: Reporter, stop: StopRequest) -> bool:
             rate = window_images / max(time.perf_counter() - window_start, 1e-9)
             log_window(run, reporter, norms, rate)
             window_start, window_images = time.perf_counter(), 0
-        # Under DDP, agreeing on a stop is a collective: do it only where we sync anyway.
-        if (at_log_point or not run.world.active) and stop.requested(run.m.device):
+        # Under DDP, agreeing on a stop is a collective: on CUDA do it only where we sync
+        # anyway; on the CPU (gloo) it is cheap enough for every step.
+        cheap = not run.world.active or run.m.device.type == "cpu"
+        if (at_log_point or cheap) and stop.requested(run.m.device):
             log_window(run, reporter, norms, 0.0)  # keep the partial window's points
             save(run)
             return True

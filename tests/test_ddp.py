@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -83,12 +84,25 @@ def test_single_process_resumes_a_torchrun_checkpoint(cli, ddp_run, tmp_path):
     assert ckpt["epoch"] == 3 and ckpt["world_size"] == 1 and ckpt["global_step"] == 24
 
 
-def test_torchrun_resumes_its_own_checkpoint(ddp_run, tmp_path):
-    shutil.copytree(ddp_run / "two", tmp_path / "two")
-    result = torchrun("-m", "cifar_bp", "train", "--resume", str(tmp_path / "two"),
-                      "--epochs", "3", "-q")  # fmt: skip
+def test_sigterm_under_torchrun_then_resume_matches_the_straight_run(ddp_run, tmp_path):
+    args = ["-m", "cifar_bp", "train", "--config", str(SMOKE), "--epochs", "2", "--batch-size",
+            "32", "--logdir", str(tmp_path), "--run-name", "two", *sets(*DATA)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    for line in proc.stdout:
+        if "epoch 2/2 step 3/8" in line:
+            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every worker
+            break
+    out = line + proc.communicate(timeout=120)[0]
+    assert "resume with: torchrun --nproc_per_node=2 -m cifar_bp train --resume" in out
+    stopped = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert stopped["epoch"] == 1 and 3 <= stopped["step_in_epoch"] < 8
+    result = torchrun("-m", "cifar_bp", "train", "--resume", str(tmp_path / "two"), "-q")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "two" / "last.pt")["global_step"] == 24
+    a = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    b = load_checkpoint(ddp_run / "two" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_error_on_one_rank_ends_the_job_promptly(tmp_path):

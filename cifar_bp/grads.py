@@ -1,0 +1,400 @@
+"""`cifar-bp inspect-grads`: the tutorial's debugger moment, in a terminal.
+
+Stopped on `result_loss.backward()`, `model.model1.conv1.weight.grad` is None; one step
+later it holds this batch's gradient. This module runs exactly that on one batch, with
+the project's own config, model, loss and data code, and reports what backward wrote:
+plain data (`as_dict` is the `--json` output), which the `*_table` functions render.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from cifar_bp.checkpoint import load_checkpoint, load_model_state
+from cifar_bp.config import Config, LossConfig, ModelConfig, resolve_config
+from cifar_bp.data import Dataset, DeviceLoader, load_dataset, synthetic_split
+from cifar_bp.engine import resolve_device
+from cifar_bp.errors import CliError, UsageError
+from cifar_bp.losses import LOSS_NAMES, build_loss, elements_averaged
+from cifar_bp.model import build_model
+from cifar_bp.report import console, table
+from cifar_bp.resume import checkpoint_config
+
+CHECKSUM_PARAM = "model1.conv1.weight"
+FALLBACK_IMAGES = 256  # synthetic images generated when the configured data is absent
+NONE_BACKWARD = (
+    "backward: a tensor of losses needs the vector to multiply by; loss.backward(gradient="
+    "torch.ones_like(loss)) weights every element by 1, which equals backward of their sum"
+)
+
+
+@dataclass
+class ParamBefore:
+    name: str
+    shape: list[int]
+    requires_grad: bool
+    grad: None  # backward has not run yet: there is nothing to hold
+
+
+@dataclass
+class GradStats:
+    name: str
+    shape: list[int]
+    norm: float
+    mean: float
+    std: float
+    max_abs: float
+    zero_fraction: float  # exact zeros, e.g. positions a max-pool did not pick
+    grad_to_weight: float  # ‖grad‖/‖weight‖: how large an SGD step is relative to the weights
+
+
+@dataclass
+class Pass:
+    """One forward and one backward of the batch through one loss."""
+
+    loss: str
+    reduction: str
+    checksum: str  # of model1.conv1.weight before this pass: equal ⇒ same initial weights
+    loss_value: float | None  # None for reduction none (a tensor, see loss_summary)
+    loss_shape: list[int]
+    loss_summary: dict[str, float] | None
+    backward_call: str
+    before: list[ParamBefore]
+    after: list[GradStats]
+    total_norm: float
+    grads: dict[str, torch.Tensor] = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(replace(self, grads={})).items() if k != "grads"}
+
+
+@dataclass
+class FactorCheck:
+    """`sum` and `mean` gradients differ by exactly the number of averaged elements."""
+
+    loss: str
+    divisor: str  # in words: N, N·C, or the targets' class weights
+    expected: float  # what `mean` divides by (elements_averaged, from the actual labels)
+    measured: float  # ‖g_sum‖ / ‖g_mean‖ over all parameters
+    max_rel_error: float  # worst parameter: ‖g_sum − expected·g_mean‖ / ‖g_sum‖
+
+
+@dataclass
+class Inspection:
+    model_source: str
+    data_source: str
+    notes: list[str]
+    labels: list[int]
+    passes: list[Pass]
+    factors: list[FactorCheck]
+    param: str | None = None
+    preview: str = ""  # which slice of the --param gradient `values` holds
+    values: dict[str, list[list[float]]] = field(default_factory=dict)  # per loss
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_source, "data": self.data_source, "notes": self.notes,
+            "batch_size": len(self.labels), "labels": self.labels,
+            "passes": [p.as_dict() for p in self.passes],
+            "factors": [asdict(f) for f in self.factors],
+            "param": self.param, "param_preview": self.preview, "values": self.values,
+        }  # fmt: skip
+
+
+def loss_names(choice: str) -> list[str]:
+    """`--loss`: one of the losses, or `all` for each of them on the same batch and weights."""
+    if choice == "all":
+        return list(LOSS_NAMES)
+    if choice not in LOSS_NAMES:
+        raise UsageError(f"--loss {choice!r}: choose ce, mse, l1 or all")
+    return [choice]
+
+
+def inspect_config(
+    path: Path | None, flags: dict[str, Any], sets: list[str], checkpoint: Path | None
+) -> tuple[Config, dict[str, Any] | None]:
+    """The config, plus the checkpoint payload when one is inspected.
+
+    Without --config a checkpoint's own config is the base, so its data and loss are used.
+    """
+    if checkpoint is None:
+        return resolve_config(path, flags, sets), None
+    payload = load_checkpoint(checkpoint)
+    base = None if path is not None else checkpoint_config(payload, checkpoint)
+    return resolve_config(path, flags, sets, base=base), payload
+
+
+def inspect_grads(
+    cfg: Config,
+    losses: list[str],
+    payload: dict[str, Any] | None = None,
+    checkpoint: Path | None = None,
+    param: str | None = None,
+) -> Inspection:
+    device = resolve_device(cfg.train.device)
+    model, model_source = make_model(cfg, device, payload, checkpoint)
+    names = [name for name, _ in model.named_parameters()]
+    if param is not None and param not in names:
+        raise UsageError(f"--param {param!r}: not a parameter; choose one of {', '.join(names)}")
+    images, labels, data_source, notes = first_batch(cfg, device)
+    passes, factors = [], []
+    for name in losses:
+        loss_cfg = cfg.loss.model_copy(update={"name": name})
+        passes.append(backprop(model, images, labels, loss_cfg))
+        factors.append(factor_check(model, images, labels, loss_cfg))
+    out = Inspection(model_source, data_source, notes, labels.tolist(), passes, factors, param)
+    for p in passes if param is not None else []:
+        out.preview, out.values[p.loss] = preview(p.grads[param])
+    return out
+
+
+def make_model(
+    cfg: Config, device: torch.device, payload: dict[str, Any] | None, path: Path | None
+) -> tuple[nn.Module, str]:
+    """A fresh model seeded exactly as `train` seeds it, or a checkpoint's weights."""
+    if payload is None or path is None:
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg.model, device), f"fresh (train.seed={cfg.train.seed})"
+    # The weights decide the architecture: take the model section from the checkpoint.
+    model_cfg = ModelConfig.model_validate(checkpoint_config(payload, path).get("model", {}))
+    model = build_model(model_cfg, device)
+    load_model_state(model, payload["model"], path)
+    where = f"epoch {payload['epoch']}, step {payload['global_step']}"
+    return model, f"checkpoint {path / 'last.pt' if path.is_dir() else path} ({where})"
+
+
+def first_batch(
+    cfg: Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]:
+    """The first training batch of epoch 0, as `train` with this config would draw it.
+
+    Never downloads. When the configured data is absent, says so and uses synthetic data.
+    """
+    data_cfg = cfg.data.model_copy(update={"download": False})
+    try:
+        data = load_dataset(data_cfg, cfg.train.seed)
+        notes, source = list(data.notes), data_cfg.source
+    except UsageError:
+        raise  # a mistake in the config is reported, not papered over
+    except CliError as err:
+        reason = str(err).split(" (")[0]
+        notes = [
+            f"{reason}: using {FALLBACK_IMAGES} synthetic images instead (inspect-grads never "
+            "downloads; point data.root at the data, or use --config configs/smoke.yaml)"
+        ]
+        source = f"synthetic (fallback from {data_cfg.source})"
+        size = max(FALLBACK_IMAGES, cfg.train.batch_size)
+        data = Dataset(synthetic_split(size, cfg.train.seed), None)
+    loader = DeviceLoader(
+        data.train, data_cfg, cfg.train.batch_size, device, train=True, seed=cfg.train.seed,
+        channels_last=cfg.model.channels_last,
+    )  # fmt: skip
+    images, labels = next(iter(loader.epoch(0)))
+    return images, labels, source, notes
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    """A short hash of the exact bytes: equal only if every value is bit-for-bit equal."""
+    data = tensor.detach().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def backprop(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_cfg: LossConfig
+) -> Pass:
+    """Forward, record the parameters (no .grad yet), backward, record the gradients."""
+    params = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)  # as if this were the first iteration
+    mark = checksum(params[CHECKSUM_PARAM])
+    loss = build_loss(loss_cfg).to(images.device)(model(images), labels)
+    # Here is the tutorial's breakpoint: the forward pass is done, backward is not.
+    before = [ParamBefore(n, list(p.shape), p.requires_grad, p.grad) for n, p in params.items()]
+    if loss.dim() == 0:
+        loss.backward()
+        call, value, summary = "loss.backward()", loss.item(), None
+    else:
+        # A tensor of losses needs the vector it multiplies: ones sends each element's
+        # gradient back unscaled, which equals backward() of their sum.
+        loss.backward(gradient=torch.ones_like(loss))
+        call, value = "loss.backward(gradient=torch.ones_like(loss))", None
+        flat = loss.detach().double()
+        summary = {"min": flat.min().item(), "mean": flat.mean().item(),
+                   "max": flat.max().item(), "sum": flat.sum().item()}  # fmt: skip
+    grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+    after = [grad_stats(n, grads[n], p) for n, p in params.items() if n in grads]
+    total = math.sqrt(sum(s.norm**2 for s in after))
+    return Pass(loss_cfg.name, loss_cfg.reduction, mark, value, list(loss.shape), summary,
+                call, before, after, total, grads)  # fmt: skip
+
+
+def grad_stats(name: str, grad: torch.Tensor, weight: torch.Tensor) -> GradStats:
+    g = grad.double()
+    norm = g.norm().item()
+    weight_norm = weight.detach().double().norm().item()
+    return GradStats(
+        name=name, shape=list(grad.shape), norm=norm, mean=g.mean().item(),
+        std=g.std(correction=0).item(), max_abs=g.abs().max().item(),
+        zero_fraction=(g == 0).double().mean().item(),
+        grad_to_weight=norm / weight_norm if weight_norm > 0 else math.inf,
+    )  # fmt: skip
+
+
+def factor_check(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_cfg: LossConfig
+) -> FactorCheck:
+    """Backward with `mean` and with `sum`; compare the gradients against the divisor."""
+    mean = backprop(model, images, labels, loss_cfg.model_copy(update={"reduction": "mean"}))
+    total = backprop(model, images, labels, loss_cfg.model_copy(update={"reduction": "sum"}))
+    expected = elements_averaged(loss_cfg, labels)
+    worst = 0.0
+    for name, g_sum in total.grads.items():
+        g_sum, g_mean = g_sum.double(), mean.grads[name].double()
+        worst = max(worst, ((g_sum - expected * g_mean).norm() / g_sum.norm()).item())
+    measured = total.total_norm / mean.total_norm if mean.total_norm > 0 else math.nan
+    return FactorCheck(loss_cfg.name, divisor(loss_cfg, labels), expected, measured, worst)
+
+
+def divisor(cfg: LossConfig, labels: torch.Tensor) -> str:
+    """What `mean` divides by, in words."""
+    n = len(labels)
+    if cfg.name != "ce":
+        return f"N·C = {n}·10"
+    if cfg.weight is not None or bool((labels == cfg.ignore_index).any()):
+        return "Σ class weight of the counted targets"
+    return "N"
+
+
+def preview(grad: torch.Tensor) -> tuple[str, list[list[float]]]:
+    """A small, readable corner of a gradient: a conv's first kernel, a matrix's corner."""
+    if grad.dim() == 4:
+        k = grad.shape[-1]
+        return f"[0, 0]: the first {k}×{k} kernel", grad[0, 0].tolist()
+    if grad.dim() == 2:
+        rows, cols = min(5, grad.shape[0]), min(5, grad.shape[1])
+        return f"[:{rows}, :{cols}]: the top-left corner", grad[:rows, :cols].tolist()
+    values = grad.flatten()[:10].tolist()
+    rows = [values[i : i + 5] for i in range(0, len(values), 5)]  # five a row: fits a terminal
+    return f"[:{len(values)}]: the first values", rows
+
+
+def write_tensorboard(inspection: Inspection, logdir: Path) -> Path:
+    """One sub-run per loss, so TensorBoard overlays them: the table's numbers as scalars
+    and every gradient's values as a histogram, all at step 0."""
+    from cifar_bp.compare import plan_parent
+    from cifar_bp.tracking import Tracker
+
+    parent = plan_parent(logdir, "inspect", None)
+    for p in inspection.passes:
+        tracker = Tracker(parent / f"{p.loss}-{p.reduction}")
+        scalars = {f"grad_norm/{s.name}": s.norm for s in p.after}
+        scalars |= {f"grad_to_weight/{s.name}": s.grad_to_weight for s in p.after}
+        scalars["grad_norm/total"] = p.total_norm
+        if p.loss_value is not None:
+            scalars["loss"] = p.loss_value
+        tracker.scalars(scalars, 0)
+        assert tracker.writer is not None
+        for name, grad in p.grads.items():
+            tracker.writer.add_histogram(f"grad/{name}", grad.float().cpu(), 0)
+        tracker.close()
+    return parent
+
+
+# --- Tables -----------------------------------------------------------------------------------
+
+
+def _g(value: float) -> str:
+    return f"{value:.4g}"  # four significant digits, whatever the magnitude
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def before_table(rows: list[ParamBefore]) -> Table:
+    return table(
+        "Before backward: forward done, no .grad yet",
+        ["parameter", "shape", "requires_grad", ".grad"],
+        [(r.name, _shape(r.shape), r.requires_grad, r.grad) for r in rows],
+    )
+
+
+def after_table(p: Pass) -> Table:
+    columns = ["parameter", "grad shape", "‖g‖", "mean", "std", "max |g|", "zeros", "‖g‖/‖w‖"]
+    rows: list[tuple[Any, ...]] = [
+        (s.name, _shape(s.shape), *map(_g, (s.norm, s.mean, s.std, s.max_abs)),
+         f"{s.zero_fraction:.1%}", _g(s.grad_to_weight))
+        for s in p.after
+    ]  # fmt: skip
+    rows.append(("total", "", _g(p.total_norm), "", "", "", "", ""))
+    return table(f"After {p.backward_call}: {p.loss}, reduction {p.reduction}", columns, rows)
+
+
+def side_by_side_table(passes: list[Pass]) -> Table:
+    """Per-parameter gradient norms of each loss, on the same batch and initial weights."""
+    columns = ["parameter", "shape", *(f"‖g‖ {p.loss}" for p in passes)]
+    rows: list[tuple[Any, ...]] = [
+        (s.name, _shape(s.shape), *(_g(p.after[i].norm) for p in passes))
+        for i, s in enumerate(passes[0].after)
+    ]
+    rows.append(("total", "", *(_g(p.total_norm) for p in passes)))
+    rows.append((f"{CHECKSUM_PARAM} checksum", "", *(p.checksum for p in passes)))
+    return table(f"Gradient norms per loss (reduction {passes[0].reduction})", columns, rows)
+
+
+def factor_table(factors: list[FactorCheck]) -> Table:
+    rows = [
+        (f.loss, f"{f.divisor} = {f.expected:g}", f"{f.measured:.6g}", f"{f.max_rel_error:.1e}")
+        for f in factors
+    ]
+    return table(
+        "sum vs mean: the gradients differ by what mean divides by",
+        ["loss", "mean divides by", "‖g_sum‖/‖g_mean‖", "max rel. error"],
+        rows,
+    )
+
+
+def preview_table(name: str, label: str, values: list[list[float]], loss: str) -> Table:
+    out = Table(title=f"{name}.grad{label} ({loss})", title_justify="left", show_header=False)
+    for row in values:
+        out.add_row(*(f"{v:+.3e}" for v in row))
+    return out
+
+
+def loss_line(p: Pass) -> str:
+    if p.loss_value is not None:
+        return f"{p.loss} loss, reduction {p.reduction}: {p.loss_value:.6g}"
+    s = p.loss_summary or {}
+    return (
+        f"{p.loss} loss, reduction none: a {_shape(p.loss_shape)} tensor, one loss per "
+        f"element (min {s['min']:.4g}, mean {s['mean']:.4g}, max {s['max']:.4g}, "
+        f"sum {s['sum']:.4g})"
+    )
+
+
+def print_inspection(insp: Inspection) -> None:
+    for note in insp.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    console.print(f"model: {insp.model_source}", soft_wrap=True)
+    shown = ", ".join(map(str, insp.labels[:16])) + (", …" if len(insp.labels) > 16 else "")
+    console.print(f"data:  {insp.data_source}; batch of {len(insp.labels)}, labels [{shown}]")
+    console.print(before_table(insp.passes[0].before))
+    for p in insp.passes:
+        console.print(loss_line(p), soft_wrap=True)
+    if insp.passes[0].loss_value is None:
+        console.print(NONE_BACKWARD, soft_wrap=True)
+    if len(insp.passes) == 1:
+        console.print(after_table(insp.passes[0]))
+    else:
+        console.print(side_by_side_table(insp.passes))
+    console.print(factor_table(insp.factors))
+    if insp.param is not None:
+        for loss, values in insp.values.items():
+            console.print(preview_table(insp.param, insp.preview, values, loss))

@@ -1,0 +1,167 @@
+"""`cifar-bp inspect-grads`: .grad before and after backward, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifar_bp.config import ModelConfig
+from cifar_bp.grads import checksum
+from cifar_bp.model import build_model
+from tests.conftest import SMOKE, only_run, scalars
+
+TINY = ["--config", SMOKE, "--set", "data.train_size=64", "--set", "data.test_size=16"]
+PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
+          for kind in ("weight", "bias")]  # fmt: skip
+
+
+def inspect_json(cli, *args: str) -> dict:
+    result = cli("inspect-grads", *TINY, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def by_reduction():
+    """`--loss all` on a batch of 4, once per reduction (same batch and weights each time)."""
+    from tests.conftest import Cli
+
+    cli = Cli()
+    return {r: inspect_json(cli, "--loss", "all", "--batch-size", "4", "--reduction", r)
+            for r in ("mean", "sum", "none")}  # fmt: skip
+
+
+def test_grad_is_none_before_and_finite_after(by_reduction):
+    for out in by_reduction.values():
+        assert [p["loss"] for p in out["passes"]] == ["ce", "mse", "l1"]
+        for p in out["passes"]:
+            assert [b["name"] for b in p["before"]] == PARAMS
+            assert all(b["grad"] is None and b["requires_grad"] for b in p["before"])
+            assert [a["name"] for a in p["after"]] == PARAMS
+            for a in p["after"]:
+                stats = (a["norm"], a["mean"], a["std"], a["max_abs"], a["grad_to_weight"])
+                assert all(math.isfinite(v) for v in stats), a
+                assert a["norm"] > 0, a["name"]
+            assert p["total_norm"] == pytest.approx(
+                math.sqrt(sum(a["norm"] ** 2 for a in p["after"])), rel=1e-9
+            )
+
+
+def test_loss_all_starts_from_identical_weights(by_reduction):
+    out = by_reduction["mean"]
+    sums = {p["checksum"] for r in by_reduction.values() for p in r["passes"]}
+    assert len(sums) == 1
+    # ...and they are the weights `train` starts from: seeded by train.seed, then built.
+    torch.manual_seed(0)
+    fresh = build_model(ModelConfig(channels_last=False))
+    assert sums == {checksum(fresh.model1.conv1.weight)}
+    assert out["model"].startswith("fresh") and out["batch_size"] == 4
+
+
+@pytest.mark.parametrize("loss, factor", [("ce", 4), ("mse", 40), ("l1", 40)])
+def test_sum_gradients_are_mean_gradients_times_the_averaged_count(by_reduction, loss, factor):
+    mean, total = ({p["loss"]: p for p in by_reduction[r]["passes"]} for r in ("mean", "sum"))
+    for m, s in zip(mean[loss]["after"], total[loss]["after"], strict=True):
+        assert s["norm"] / m["norm"] == pytest.approx(factor, rel=1e-5), m["name"]
+    (check,) = [f for f in by_reduction["mean"]["factors"] if f["loss"] == loss]
+    assert check["expected"] == factor
+    assert check["measured"] == pytest.approx(factor, rel=1e-5)
+    assert check["max_rel_error"] < 1e-5
+
+
+def test_reduction_none_backward_with_ones_equals_sum(by_reduction, cli):
+    none, total = ({p["loss"]: p for p in by_reduction[r]["passes"]} for r in ("none", "sum"))
+    assert none["ce"]["loss_shape"] == [4] and none["mse"]["loss_shape"] == [4, 10]
+    for loss, p in none.items():
+        assert p["loss_value"] is None and "ones_like" in p["backward_call"]
+        assert p["loss_summary"]["sum"] == pytest.approx(total[loss]["loss_value"], rel=1e-5)
+        assert p["total_norm"] == pytest.approx(total[loss]["total_norm"], rel=1e-5)
+    shown = cli("inspect-grads", *TINY, "--reduction", "none", "--loss", "mse")
+    assert "backward(gradient=torch.ones_like(loss))" in shown.stdout
+    assert "a 1×10 tensor" in shown.stdout
+
+
+def test_class_weights_change_what_mean_divides_by(cli):
+    weights = [1.0] * 10
+    out = inspect_json(cli, "--batch-size", "4", "--set", f"loss.weight={weights}")
+    labels = out["labels"]
+    weights[labels[0]] = 3.0
+    out = inspect_json(cli, "--batch-size", "4", "--set", f"loss.weight={weights}")
+    (check,) = out["factors"]
+    expected = sum(weights[c] for c in labels)
+    assert check["expected"] == expected != len(labels)
+    assert check["measured"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_tables_show_before_after_and_factor(cli):
+    result = cli("inspect-grads", *TINY)
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Before backward" in out and "None" in out and "After loss.backward()" in out
+    assert "model1.linear2.bias" in out and "N = 1" in out
+    side = cli("inspect-grads", *TINY, "--loss", "all").stdout
+    assert "‖g‖ ce" in side and "‖g‖ mse" in side and "‖g‖ l1" in side and "N·C = 1·10" in side
+
+
+def test_missing_data_falls_back_to_synthetic_and_says_so(cli, tmp_path):
+    args = ["--set", f"data.root={tmp_path}", "--set", "data.download=true"]
+    result = cli("inspect-grads", *args)
+    assert result.exit_code == 0, result.stderr
+    assert "note: CIFAR-10 not found" in result.stdout and "synthetic" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded
+    as_json = cli("inspect-grads", *args, "--json")
+    assert "note: CIFAR-10 not found" in as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["data"].startswith("synthetic") and out["notes"]
+
+
+def test_checkpoint_and_param_values(cli, tmp_path):
+    trained = cli("train", *TINY, "--epochs", "1", "--batch-size", "16", "--logdir", tmp_path, "-q")
+    assert trained.exit_code == 0, trained.stderr
+    run_dir = only_run(tmp_path)
+    result = cli("inspect-grads", "--checkpoint", run_dir, "--param", "model1.conv1.weight")
+    assert result.exit_code == 0, result.stderr
+    assert f"checkpoint {run_dir / 'last.pt'}" in result.stdout.replace("\n", "")
+    assert "model1.conv1.weight.grad[0, 0]: the first 5×5 kernel" in result.stdout
+    out = json.loads(cli("inspect-grads", "--checkpoint", run_dir, "--json",
+                         "--param", "model1.conv1.weight").stdout)  # fmt: skip
+    values = out["values"]["ce"]
+    assert len(values) == 5 and all(len(row) == 5 for row in values)
+    weights = torch.load(run_dir / "last.pt", weights_only=True)["model"]["model1.conv1.weight"]
+    assert out["passes"][0]["checksum"] == checksum(weights)  # the trained weights, not fresh
+    assert out["data"] == "synthetic"  # the checkpoint's own config chose the data
+    bias = inspect_json(cli, "--param", "model1.linear2.bias")
+    assert [len(row) for row in bias["values"]["ce"]] == [5, 5]
+
+
+def test_logdir_writes_readable_tensorboard(cli, tmp_path):
+    result = cli("inspect-grads", *TINY, "--loss", "all", "--logdir", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    parent = only_run(tmp_path)
+    assert sorted(p.name for p in parent.iterdir()) == ["ce-mean", "l1-mean", "mse-mean"]
+    for run in parent.iterdir():
+        series = scalars(run)
+        assert {f"grad_norm/{n}" for n in PARAMS} | {"grad_norm/total", "loss"} <= set(series)
+        assert all(math.isfinite(v) and v > 0 for v in (series["grad_norm/total"][0][1],))
+        acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
+        acc.Reload()
+        assert {f"grad/{n}" for n in PARAMS} <= set(acc.Tags()["histograms"])
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--loss", "hinge"], "--loss 'hinge': choose ce, mse, l1 or all"),
+        (["--param", "conv1.weight"], "model1.conv1.weight"),
+        (["--reduction", "avg"], "loss.reduction"),
+        (["--checkpoint", "nowhere.pt"], "checkpoint not found"),
+    ],
+)
+def test_mistakes_are_one_line(cli, args, expected):
+    result = cli("inspect-grads", *TINY, *args)
+    assert result.exit_code in (1, 2)
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
