@@ -305,17 +305,17 @@ SUMMED = ("loss_sum", "steps", "seen", "correct")
 def log_window(run: Run, reporter: Reporter, norms: torch.Tensor, rate: float) -> None:
     """Metrics since the last read-back go to TensorBoard and the progress display."""
     values = read_meters(run)
-    if values["steps"] > 0:
-        loss = values["loss_sum"] / values["steps"]
-        scalars = {"train/loss": loss, "train/lr": run.m.optimizer.param_groups[0]["lr"]}
-        if rate > 0:
-            scalars["train/images_per_s"] = rate
-        if run.m.scaler.is_enabled():
-            scalars["amp/scale"] = run.m.scaler.get_scale()
-            scalars["amp/skipped_steps"] = values["skipped"]
+    scalars: dict[str, float] = {"train/lr": run.m.optimizer.param_groups[0]["lr"]}
+    if rate > 0:
+        scalars["train/images_per_s"] = rate
+    if run.m.scaler.is_enabled():  # logged even when every step of the window was skipped
+        scalars["amp/scale"] = run.m.scaler.get_scale()
+        scalars["amp/skipped_steps"] = values["skipped"]
+    if values["steps"] > 0:  # only finite steps count towards the loss and the norms
+        scalars["train/loss"] = values["loss_sum"] / values["steps"]
         scalars.update(norm_scalars(run, norms))
-        run.tracker.scalars(scalars, run.pos.global_step)
-        reporter.progress(run.pos.step_in_epoch, loss, rate)
+        reporter.progress(run.pos.step_in_epoch, scalars["train/loss"], rate)
+    run.tracker.scalars(scalars, run.pos.global_step)
     run.meters.reset_window()
 
 

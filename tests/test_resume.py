@@ -125,13 +125,13 @@ def test_second_ctrl_c_aborts_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_kill_9_while_writing_checkpoints_leaves_a_loadable_one(tmp_path):
     """Checkpoint after every step and kill -9 at arbitrary moments; last.pt always loads."""
-    for attempt in range(4):
+    for attempt in range(2):
         logdir = tmp_path / str(attempt)
         args = [a for a in FAST if a != "-q"] + ["--epochs", "3", "--run-name", "r"]
         args += ["--set", "log.every_n_steps=1", "--set", "train.checkpoint_every_n_steps=1"]
         proc = start(args, logdir)
         wait_for_step(proc, "epoch 1/3 step 2/8")
-        time.sleep(0.05 * attempt)
+        time.sleep(0.1 * attempt)
         proc.kill()
         proc.communicate()
         assert load_checkpoint(logdir / "r" / "last.pt")["global_step"] >= 1

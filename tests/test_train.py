@@ -48,8 +48,8 @@ def test_smoke_run_writes_every_tag(smoke_run):
     assert expected <= set(series)
     for tag in expected:
         assert all(math.isfinite(v) for _, v in series[tag]), tag
-    # 3 epochs of 32 steps; epoch metrics land on the epoch's last step.
-    assert [s for s, _ in series["test/accuracy"]] == [32, 64, 96]
+    # 3 epochs of 16 steps; epoch metrics land on the epoch's last step.
+    assert [s for s, _ in series["test/accuracy"]] == [16, 32, 48]
     total = series["grad_norm/total"][-1][1]
     parts = [series[f"grad_norm/{n}"][-1][1] for n in PARAMS]
     assert total == pytest.approx(math.sqrt(sum(p * p for p in parts)), rel=1e-5)
@@ -126,7 +126,7 @@ def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
     result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
                  "--set", "train.grad_scaler=true", "--set", "train.init_scale=3e38",
                  "--set", "data.normalize=true", "--set", "data.std=[1e-4, 1e-4, 1e-4]",
-                 "--set", "log.every_n_steps=1",
+                 "--set", "log.every_n_steps=1", "--set", "data.train_size=512",
                  "--set", "train.max_nonfinite_steps=50")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     series = scalars(only_run(tmp_path))
