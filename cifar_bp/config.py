@@ -30,7 +30,7 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(4, ge=0, le=16, description="pixels of padding for random crops")
+    crop_padding: int = Field(0, ge=0, le=16, description="pixels of padding for random crops")
     pad_mode: Literal["reflect", "zero"] = "reflect"
     flip: bool = True
 
@@ -70,7 +70,7 @@ class LossConfig(_Section):
     input: Literal["probs", "logits"] = "probs"
     weight: list[float] | None = None
     ignore_index: int = -100
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
 
     @field_validator("weight")
     @classmethod
@@ -81,14 +81,14 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0, description="peak learning rate")
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(0.003, gt=0, description="peak learning rate")
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: Literal["none", "cosine", "onecycle"] = "none"
-    warmup_pct: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction spent warming up")
+    scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
+    warmup_pct: float = Field(0.2, gt=0, lt=1, description="onecycle: fraction spent warming up")
     grad_clip: float | None = Field(None, gt=0, description="max total L2 norm of the gradients")
 
     @field_validator("nesterov")
@@ -100,7 +100,7 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; global = processes x this")
     eval_batch_size: int = Field(1000, ge=1)
     device: str = "auto"
