@@ -355,18 +355,22 @@ def compare(
         plan_comparison,
         run_comparison,
     )
+    from cifar_bp.distributed import world_from_env
     from cifar_bp.report import console
 
     flags = flags_of(epochs=epochs, seed=seed, device=device, logdir=logdir, run_name=run_name)
     with user_errors():
         plan = plan_comparison(config, flags, set_ or [], losses, reductions)
-        reporter = make_compare_reporter(quiet)
+        main_rank = world_from_env().is_main
+        reporter = make_compare_reporter(quiet or not main_rank)
         try:
             outcomes = run_comparison(plan, reporter)
         finally:
             reporter.close()
-        console.print(comparison_table(outcomes))
-        console.print(f"runs: {plan.parent}  (tensorboard --logdir {plan.parent})", soft_wrap=True)
+        if main_rank:
+            console.print(comparison_table(outcomes))
+            where = plan.parent
+            console.print(f"runs: {where}  (tensorboard --logdir {where})", soft_wrap=True)
         stopped = next((o.result.stopped_by for o in outcomes if o.result.stopped_by), None)
         if stopped:
             from cifar_bp.signals import EXIT_CODES

@@ -274,7 +274,8 @@ def run_epoch(run: Run, reporter: Reporter, stop: StopRequest) -> bool:
         # anyway; on the CPU (gloo) it is cheap enough for every step.
         cheap = not run.world.active or run.m.device.type == "cpu"
         if (at_log_point or cheap) and stop.requested(run.m.device):
-            log_window(run, reporter, norms, 0.0)  # keep the partial window's points
+            if not at_log_point:
+                log_window(run, reporter, norms, 0.0)  # keep the partial window's points
             save(run)
             return True
         n = run.cfg.train.checkpoint_every_n_steps

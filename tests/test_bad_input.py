@@ -173,13 +173,13 @@ def broken(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", sorted(MESSAGES))
-@pytest.mark.parametrize("command", ["evaluate", "resume"])
+@pytest.mark.parametrize("command", ["evaluate", "resume", "inspect-grads"])
 def test_bad_checkpoints_are_one_clear_message(cli, broken, kind, command):
     path = broken[kind]
-    if command == "evaluate":
-        result = cli("evaluate", "--checkpoint", path)
-    else:
+    if command == "resume":
         result = cli("train", "--resume", path, "--logdir", path.parent)
+    else:
+        result = cli(command, "--checkpoint", path)
     assert result.exit_code == 1, result.stderr
     assert MESSAGES[kind] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

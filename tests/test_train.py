@@ -56,6 +56,23 @@ def test_smoke_run_writes_every_tag(smoke_run):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file()
 
 
+def test_evaluate_scores_the_checkpoint_on_its_own_and_other_data(cli, smoke_run):
+    import json
+
+    _, _, run_dir = smoke_run
+    own = cli("evaluate", "--checkpoint", run_dir, "--json")
+    assert own.exit_code == 0, own.stderr
+    result = json.loads(own.stdout)["results"]["test"]
+    # The same weights on the same test split: exactly what the last epoch logged.
+    assert result["accuracy"] == pytest.approx(scalars(run_dir)["test/accuracy"][-1][1])
+    assert result["count"] == 256 and len(result["per_class"]) == 10
+    other = cli("evaluate", "--checkpoint", run_dir / "last.pt", "--set", "data.test_size=100")
+    assert other.exit_code == 0, other.stderr
+    assert "(100 images)" in other.stdout and "accuracy per class" in other.stdout
+    refused = cli("evaluate", "--checkpoint", run_dir, "--set", "model.activation=relu")
+    assert refused.exit_code == 2 and "data.* and train.device" in refused.stderr
+
+
 def test_run_directory_is_never_overwritten(cli, tmp_path):
     args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--run-name", "once",
             "--epochs", "1", "--set", "data.train_size=256", "-q"]  # fmt: skip
