@@ -198,35 +198,6 @@ def config_show(
         typer.echo(resolve_config(config, flags, set_ or []).to_yaml(), nl=False)
 
 
-@app.command()
-def bench(
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu or cuda."),
-    images: int | None = typer.Option(
-        None, "--images", help="Synthetic images per variant [default: 4096 CPU, 16384 CUDA]."
-    ),
-    repeats: int = typer.Option(5, "--repeats", help="Timed epochs per variant after 1 warm-up."),
-    variants: str = typer.Option(
-        "a,b,c",
-        "--variants",
-        help="a tutorial loop, b engine, c fastest; search: nchw,bs256,bs1024,bf16,fp16,compile.",
-    ),
-    compile_: bool = typer.Option(False, "--compile", help="Add torch.compile to (c)."),
-    sync_debug: bool = typer.Option(
-        False, "--sync-debug", help="CUDA: count host syncs in the engine's timed steps."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-) -> None:
-    """Images/s of the tutorial's loop (a) against this engine (b, c) on synthetic data.
-
-    Each variant runs in its own process: median of the timed epochs, ratio to (a), peak memory.
-    """
-    from cifar_bp.bench import BenchOptions, print_benchmark, run_benchmark
-
-    opts = BenchOptions(device, images, repeats, variants.split(","), compile_, sync_debug)
-    with user_errors():
-        print_benchmark(run_benchmark(opts), json_out)
-
-
 @app.command("inspect-grads")
 def inspect_grads(
     config: Path | None = ConfigOpt,
@@ -376,6 +347,35 @@ def compare(
             from cifar_bp.signals import EXIT_CODES
 
             raise typer.Exit(EXIT_CODES[stopped])
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu or cuda."),
+    images: int | None = typer.Option(
+        None, "--images", help="Synthetic images per variant [default: 4096 CPU, 16384 CUDA]."
+    ),
+    repeats: int = typer.Option(5, "--repeats", help="Timed epochs per variant after 1 warm-up."),
+    variants: str = typer.Option(
+        "a,b,c",
+        "--variants",
+        help="a tutorial loop, b engine, c fastest; search: nchw,bs256,bs1024,bf16,fp16,compile.",
+    ),
+    compile_: bool = typer.Option(False, "--compile", help="Add torch.compile to (c)."),
+    sync_debug: bool = typer.Option(
+        False, "--sync-debug", help="CUDA: count host syncs in the engine's timed steps."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Images/s of the tutorial's loop (a) against this engine (b, c) on synthetic data.
+
+    Each variant runs in its own process: median of the timed epochs, ratio to (a), peak memory.
+    """
+    from cifar_bp.bench import BenchOptions, print_benchmark, run_benchmark
+
+    opts = BenchOptions(device, images, repeats, variants.split(","), compile_, sync_debug)
+    with user_errors():
+        print_benchmark(run_benchmark(opts), json_out)
 
 
 def main() -> None:
