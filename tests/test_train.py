@@ -56,6 +56,24 @@ def test_smoke_run_writes_every_tag(smoke_run):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file()
 
 
+def test_smoke_run_logs_config_text_and_hparams(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    loss, _, run_dir = smoke_run
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "source: synthetic" in text and f"name: {loss}" in text
+    start = HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
+    assert start.hparams["loss.name"].string_value == loss
+    assert start.hparams["train.epochs"].number_value == 3
+    final = scalars(run_dir)["hparam/test/accuracy"][0][1]
+    assert final == pytest.approx(scalars(run_dir)["test/accuracy"][-1][1])
+
+
 def test_evaluate_scores_the_checkpoint_on_its_own_and_other_data(cli, smoke_run):
     import json
 
