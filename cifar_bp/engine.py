@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -191,14 +192,16 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(m: Machinery, batches: object, num_classes: int = 10) -> EvalResult:
+def evaluate(
+    m: Machinery, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int = 10
+) -> EvalResult:
     """Mean per-image loss and accuracy over the batches, read back once at the end."""
     was_training = m.model.training
     m.model.eval()
     loss_sum = torch.zeros((), device=m.device, dtype=torch.float64)
     hits = torch.zeros(num_classes, device=m.device)
     totals = torch.zeros(num_classes, device=m.device)
-    for images, labels in batches:  # type: ignore[attr-defined]
+    for images, labels in batches:
         with m.autocast():
             logits = m.model(images)
         loss_sum += m.loss_fn(logits.float(), labels).double() * _per_batch(m, labels)
