@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from cifar_bp.config import resolve_config
-from cifar_bp.data import SIDE, DeviceLoader, Split, synthetic_split
+from cifar_bp.data import DeviceLoader, Split, synthetic_split
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, resolve_device, train_step
 from cifar_bp.errors import CliError, UsageError
@@ -47,7 +47,6 @@ TUTORIAL_BATCH = 64  # images per step in the tutorial's DataLoader
 TUTORIAL_LR = 0.01  # the tutorial's SGD step size
 # Images per variant when --images is not given: enough for several seconds per timed epoch.
 DEFAULT_IMAGES = {"cpu": 4096, "cuda": 16384}
-CHUNK = 4096  # images generated at a time, so generation does not inflate the peak memory
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,9 @@ def _worker(
     """A variant's process: set up, answer one epoch's images/s per request, then a summary."""
     try:
         loop_class = EngineLoop if variant.engine else TutorialLoop
-        loop = loop_class(variant, bench_split(images), torch.device(device), epochs, sync_debug)
+        loop = loop_class(
+            variant, synthetic_split(images, seed=0), torch.device(device), epochs, sync_debug
+        )
         conn.send(("ok", None))
         epoch = 0
         while conn.recv() == "epoch":
@@ -215,17 +216,6 @@ def _worker(
         pass
     except Exception as err:
         conn.send(("error", err if isinstance(err, CliError) else traceback.format_exc()))
-
-
-def bench_split(images: int) -> Split:
-    """`images` synthetic CIFAR-sized images, made in chunks: the float intermediates of
-    generating them all at once would dominate the peak memory being measured."""
-    out = Split(torch.empty(images, 3, SIDE, SIDE, dtype=torch.uint8), torch.empty(images).long())
-    for start in range(0, images, CHUNK):
-        chunk = synthetic_split(min(CHUNK, images - start), seed=start)
-        out.images[start : start + len(chunk)] = chunk.images
-        out.labels[start : start + len(chunk)] = chunk.labels
-    return out
 
 
 class EngineLoop:

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from cifar_bp.bench import EngineLoop, Variant, bench_split, catalogue
+from cifar_bp.bench import EngineLoop, Variant, catalogue
+from cifar_bp.data import synthetic_split
 
 
 def test_bench_json_reports_three_variants(cli):
@@ -54,7 +55,9 @@ def test_variant_overrides_are_valid_train_settings():
 def test_engine_loop_runs_more_epochs_than_the_default_recipe():
     # The default recipe's per-batch lr schedule must stretch over all the benchmark's epochs.
     epochs = 6
-    loop = EngineLoop(catalogue("cpu")["b"], bench_split(64), torch.device("cpu"), epochs, False)
+    loop = EngineLoop(
+        catalogue("cpu")["b"], synthetic_split(64, seed=0), torch.device("cpu"), epochs, False
+    )
     assert all(loop.epoch(i) > 0 for i in range(epochs))
     assert loop.summary()["steps_per_epoch"] == 1
 
