@@ -81,7 +81,8 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
+    # muon: Muon for weight matrices and conv filters, Adam for biases and the classifier.
+    name: Literal["sgd", "adam", "adamw", "muon"] = "adam"
     lr: float = Field(0.003, gt=0, description="peak learning rate")
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
@@ -103,6 +104,10 @@ class TrainConfig(_Section):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; global = processes x this")
     eval_batch_size: int = Field(1000, ge=1)
+    eval_flip: bool = Field(True, description="evaluate on each image and its mirror")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="evaluate a moving average of the weights (per step)"
+    )
     device: str = "auto"
     amp: bool = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"

@@ -15,7 +15,7 @@ from cifar_bp.model import build_model
 from cifar_bp.resume import checkpoint_config
 
 # Only these may differ from the checkpoint's config: the model is the checkpoint's.
-EVAL_KEYS = ("data.", "train.eval_batch_size", "train.device")
+EVAL_KEYS = ("data.", "train.eval_batch_size", "train.eval_flip", "train.device")
 
 
 @dataclass
@@ -40,7 +40,9 @@ def eval_config(
         base = {**base, "data": read_yaml(config_path).get("data", {})}
     for item in sets:
         if not item.split("=", 1)[0].strip().startswith(EVAL_KEYS):
-            raise UsageError(f"--set {item}: evaluate takes data.* and train.device overrides only")
+            raise UsageError(
+                f"--set {item}: evaluate takes only data.*, train.eval_flip and train.device"
+            )
     return resolve_config(None, {}, sets, base=base)
 
 
@@ -55,9 +57,12 @@ def evaluate_checkpoint(
     )
     dev = resolve_device(cfg.train.device)
     model = build_model(cfg.model, dev)
-    load_model_state(model, payload["model"], path)
+    # A run that kept a weight average reported the average's accuracy: score the same.
+    average = payload.get("average")
+    load_model_state(model, average["weights"] if average else payload["model"], path)
     data = load_dataset(cfg.data, cfg.train.seed)
-    m = Machinery(model, build_loss(cfg.loss).to(dev), None, None, None, dev, None, None, [])  # type: ignore[arg-type]
+    m = Machinery(model, build_loss(cfg.loss).to(dev), None, None, None, dev, None, None, [],  # type: ignore[arg-type]
+                  eval_flip=cfg.train.eval_flip)  # fmt: skip
     results = {}
     for name, split in (("val", data.val), ("test", data.test)):
         if split is not None:

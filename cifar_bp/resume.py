@@ -15,6 +15,7 @@ from cifar_bp.errors import CliError, UsageError
 SAFE_KEYS = (
     "train.epochs",
     "train.eval_batch_size",
+    "train.eval_flip",
     "train.checkpoint_every_n_steps",
     "train.max_nonfinite_steps",
     "train.device",

@@ -22,6 +22,7 @@ from cifar_bp.engine import (
     EvalResult,
     Machinery,
     Meters,
+    WeightAverage,
     amp_dtype,
     build_optimizer,
     build_scheduler,
@@ -83,8 +84,11 @@ class Run:
 def build_machinery(cfg: Config, device: torch.device, world: World, steps: int) -> Machinery:
     torch.manual_seed(cfg.train.seed)  # same seed → same initial weights on every rank
     model = build_model(cfg.model, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(cfg.optim, named)
+    decay = cfg.train.ema_decay
+    average = WeightAverage(model, decay) if decay is not None else None
     net = world.wrap(model, device)
     if cfg.train.compile:
         net = torch.compile(net)
@@ -98,6 +102,8 @@ def build_machinery(cfg: Config, device: torch.device, world: World, steps: int)
         dtype=amp_dtype(cfg.train, device),
         grad_clip=cfg.optim.grad_clip,
         params=params,
+        average=average,
+        eval_flip=cfg.train.eval_flip,
     )
 
 
@@ -167,6 +173,11 @@ def restore(
         m.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scaler"):
         m.scaler.load_state_dict(payload["scaler"])
+    if m.average is not None:
+        if payload.get("average"):
+            m.average.load_state_dict(payload["average"])
+        else:  # averaging switched on at resume: start the average from the live weights
+            m.average.model.load_state_dict(unwrap_model(m).state_dict())
     if m.scheduler is not None:
         if same_optim and payload.get("schedule_steps") == steps * cfg.train.epochs:
             m.scheduler.load_state_dict(payload["scheduler"])
@@ -189,6 +200,7 @@ def payload(run: Run) -> dict[str, Any]:
         "scheduler": m.scheduler.state_dict() if m.scheduler is not None else None,
         "schedule_steps": len(run.train_loader) * run.cfg.train.epochs,
         "scaler": m.scaler.state_dict(),
+        "average": m.average.state_dict() if m.average is not None else None,
         "epoch": run.pos.epoch,
         "step_in_epoch": run.pos.step_in_epoch,
         "global_step": run.pos.global_step,

@@ -62,7 +62,7 @@ CASES = [
     ("unknown_key", [], 2, "unknown key 'optim.learning_rate'"),
     ("wrong_type", [], 2, "train.epochs: must be a valid integer"),
     ("out_of_range", [], 2, "train.batch_size: must be greater than or equal to 1"),
-    ("bad_optimizer", [], 2, "optim.name: must be 'sgd', 'adam' or 'adamw'"),
+    ("bad_optimizer", [], 2, "optim.name: must be 'sgd', 'adam', 'adamw' or 'muon'"),
     ("x", ["--loss", "focal"], 2, "loss.name: must be 'ce', 'mse' or 'l1'"),
     ("x", ["--reduction", "max"], 2, "loss.reduction: must be"),
     ("x", ["--device", "mps"], 2, "device must be auto, cpu, cuda or cuda:N"),

@@ -25,7 +25,7 @@ BAD_FILES = [
     ("loss:\n  name: hinge\n", "loss.name: must be 'ce', 'mse' or 'l1'"),
     ("loss:\n  reduction: avg\n", "loss.reduction: must be 'mean', 'sum' or 'none'"),
     ("train:\n  device: tpu\n", "device must be auto, cpu, cuda or cuda:N"),
-    ("optim:\n  name: lion\n", "optim.name: must be 'sgd', 'adam' or 'adamw'"),
+    ("optim:\n  name: lion\n", "optim.name: must be 'sgd', 'adam', 'adamw' or 'muon'"),
     ("train:\n  epochs: [1\n", "malformed YAML at line"),
     ("optim: {lr: 0.1\n", "malformed YAML at line"),
     ("- just\n- a list\n", "expected a mapping"),
@@ -115,3 +115,8 @@ def test_article_is_the_tutorial_recipe():
     assert cfg.optim.momentum == 0 and cfg.optim.scheduler == "none"
     assert cfg.data.normalize is False and cfg.data.augment is None
     assert cfg.train.epochs == 10
+    # Nothing from default.yaml's stronger recipe may leak in through the schema defaults.
+    assert cfg.loss.label_smoothing == 0 and cfg.optim.weight_decay == 0
+    assert cfg.optim.grad_clip is None and cfg.train.eval_flip is False
+    # The one addition is to scoring, not training: a weight average is evaluated.
+    assert cfg.train.ema_decay == 0.999

@@ -15,13 +15,18 @@ import torch
 from cifar_bp.checkpoint import load_checkpoint
 from tests.conftest import ROOT, SMOKE, scalars
 
-# Small but real: 8 steps an epoch, with on-device augmentation so its RNG is exercised too.
+# Small but real: 8 steps an epoch, with on-device augmentation so its RNG is exercised too,
+# and a weight average, so its state must survive the interruption as well.
 FAST = ["--config", str(SMOKE), "-q", "--set", "data.train_size=512", "--set",
-        "data.test_size=128", "--set", "data.augment.crop_padding=2"]  # fmt: skip
+        "data.test_size=128", "--set", "data.augment.crop_padding=2",
+        "--set", "train.ema_decay=0.9"]  # fmt: skip
 
 
 def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / name)["model"]
+    """The live weights and the weight average's, under one dict."""
+    payload = load_checkpoint(run_dir / name)
+    average = {f"average.{k}": v for k, v in payload["average"]["weights"].items()}
+    return {**payload["model"], **average}
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

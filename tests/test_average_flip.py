@@ -1,0 +1,78 @@
+"""The weight average (train.ema_decay) and flip test-time augmentation (train.eval_flip)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cifar_bp.checkpoint import load_checkpoint
+from cifar_bp.config import Config, LossConfig, ModelConfig
+from cifar_bp.data import DeviceLoader, load_dataset
+from cifar_bp.engine import Machinery, WeightAverage, evaluate
+from cifar_bp.losses import build_loss
+from cifar_bp.model import build_model
+from tests.conftest import SMOKE, scalars
+
+
+def test_weight_average_lerps_with_a_ramped_decay():
+    live = torch.nn.Linear(2, 1)
+    avg = WeightAverage(live, decay=0.99)
+    start = live.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    avg.update()  # first update: decay min(0.99, 2/11) -> moves 9/11 of the way
+    expected = start + 9 / 11
+    assert torch.allclose(avg.model.weight, expected)
+    for _ in range(200):
+        avg.update()
+    assert torch.allclose(avg.model.weight, live.weight, atol=1e-6)  # converges on a fixed point
+    assert not avg.model.weight.requires_grad
+    again = WeightAverage(live, decay=0.99)
+    again.load_state_dict(avg.state_dict())
+    assert again.updates == 201 and torch.equal(again.model.weight, avg.model.weight)
+
+
+def _machinery(model: torch.nn.Module, flip: bool, loss_cfg: LossConfig | None = None) -> Machinery:
+    loss = build_loss(loss_cfg or LossConfig(label_smoothing=0.0))
+    return Machinery(model, loss, None, None, None, torch.device("cpu"), None, None, [],  # type: ignore[arg-type]
+                     eval_flip=flip)  # fmt: skip
+
+
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels_last=False))
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    with torch.no_grad():
+        logits = (model(images) + model(images.flip(3))) / 2
+    want_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    want_acc = (logits.argmax(1) == labels).float().mean().item()
+    got = evaluate(_machinery(model, flip=True), [(images, labels)])
+    assert got.loss == pytest.approx(want_loss, rel=1e-5)
+    assert got.accuracy == pytest.approx(want_acc)
+    plain = evaluate(_machinery(model, flip=False), [(images, labels)])
+    assert plain.loss != pytest.approx(want_loss, rel=1e-5)  # the flip changes the answer
+
+
+def test_training_evaluates_and_keeps_the_weight_average(cli, tmp_path):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--run-name", "avg", "-q",
+            "--epochs", "1", "--set", "data.train_size=512", "--set", "data.test_size=128",
+            "--set", "train.ema_decay=0.9"]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    run_dir = tmp_path / "avg"
+    payload = load_checkpoint(run_dir / "last.pt")
+    average, live = payload["average"]["weights"], payload["model"]
+    assert payload["average"]["updates"] == 8  # one per step
+    assert not torch.equal(average["model1.conv1.weight"], live["model1.conv1.weight"])
+    logged = scalars(run_dir)["test/loss"][-1][1]
+    # `evaluate` scores the average, as training did: the same loss on the same split.
+    report = cli("evaluate", "--checkpoint", run_dir, "--json")
+    assert json.loads(report.stdout)["results"]["test"]["loss"] == pytest.approx(logged, rel=1e-5)
+    model = build_model(ModelConfig(channels_last=False))
+    model.load_state_dict(live)
+    cfg = Config.model_validate(payload["config"])
+    data = load_dataset(cfg.data, cfg.train.seed)
+    batches = DeviceLoader(data.test, cfg.data, 128, torch.device("cpu"), train=False).epoch(0)
+    raw = evaluate(_machinery(model, cfg.train.eval_flip, cfg.loss), batches)
+    assert raw.loss != pytest.approx(logged, rel=1e-5)  # the live weights score differently

@@ -1,0 +1,70 @@
+"""optim.name=muon: orthogonalized momentum for the weight matrices, Adam for the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_bp.config import ModelConfig
+from cifar_bp.model import build_model
+from cifar_bp.muon import ADAM_MATCH, Muon, muon_groups, orthogonalize
+from tests.conftest import SMOKE, only_run, scalars
+
+
+@pytest.mark.parametrize("shape", [(32, 75), (800, 32), (64, 1024)])
+def test_orthogonalize_brings_every_singular_value_near_one(shape):
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    grad = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values 0.1 to 10
+    singular = torch.linalg.svdvals(orthogonalize(grad))
+    assert singular.min() > 0.6 and singular.max() < 1.25
+
+
+def test_groups_put_matrices_on_muon_and_biases_and_classifier_on_adam():
+    model = build_model(ModelConfig(channels_last=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, adam = muon_groups(model.named_parameters())
+    assert muon["muon"] and not adam["muon"]
+    assert sorted(names[id(p)] for p in muon["params"]) == [
+        "model1.conv1.weight", "model1.conv2.weight", "model1.conv3.weight",
+        "model1.linear1.weight",
+    ]  # fmt: skip
+    assert "model1.linear2.weight" in {names[id(p)] for p in adam["params"]}
+    assert len(muon["params"]) + len(adam["params"]) == len(names)
+
+
+def test_one_step_matches_adam_and_the_muon_rule():
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(8))
+    twin = torch.nn.Parameter(bias.detach().clone())
+    groups = [{"params": [weight], "muon": True}, {"params": [bias], "muon": False}]
+    opt = Muon(groups, lr=0.01, momentum=0.9, nesterov=True, betas=(0.9, 0.99))
+    adam = torch.optim.Adam([twin], lr=0.01, betas=(0.9, 0.99))
+    start = weight.detach().clone()
+    for _ in range(3):
+        grad_w, grad_b = torch.randn(8, 12), torch.randn(8)
+        weight.grad, bias.grad, twin.grad = grad_w, grad_b, grad_b.clone()
+        opt.step()
+        adam.step()
+    assert torch.allclose(bias, twin, atol=1e-6)  # the Adam half is Adam
+    # Check the last Muon step by hand: Nesterov momentum, orthogonalized, Adam-RMS scaled.
+    weight2 = torch.nn.Parameter(start.clone())
+    opt2 = Muon([{"params": [weight2], "muon": True}], 0.01, 0.9, True, (0.9, 0.99))
+    weight2.grad = torch.ones(8, 12)
+    opt2.step()
+    expected = start - 0.01 * ADAM_MATCH * 12**0.5 * orthogonalize(torch.ones(8, 12) * 1.9)
+    assert torch.allclose(weight2, expected, atol=1e-6)
+
+
+def test_training_with_muon_learns_and_resumes(cli, tmp_path):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "-q", "--epochs", "2",
+            "--set", "optim.name=muon", "--set", "optim.momentum=0.9"]  # fmt: skip
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    accuracy = scalars(only_run(tmp_path))["test/accuracy"]
+    assert accuracy[-1][1] > 0.3  # 10 classes: chance is 0.1
+    more = cli("train", "--resume", only_run(tmp_path), "--epochs", "3", "-q")
+    assert more.exit_code == 0, more.stderr
+    assert len(scalars(only_run(tmp_path))["test/accuracy"]) == 3
