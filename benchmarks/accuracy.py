@@ -30,6 +30,9 @@ RECIPES = {
     "default": ("configs/default.yaml", []),
     "default+relu": ("configs/default.yaml", ["model.activation=relu"]),
 }
+# Columns of the printed table, after the recipe name and the epoch count.
+ACCURACIES = ("val_accuracy", "live_accuracy", "best_val_accuracy")
+TIMES = ("train_seconds", "wall_seconds")
 
 
 def unpack(archive: Path, workdir: Path) -> Path:
@@ -65,9 +68,12 @@ def summarize(run_dir: Path, wall: float) -> dict[str, float]:
         return [e.value for e in acc.Scalars(tag)]
 
     val = series("val/accuracy")
+    tags = acc.Tags()["scalars"]
+    live = series("val/accuracy_live") if "val/accuracy_live" in tags else [float("nan")]
     return {
         "epochs": len(val),
         "val_accuracy": val[-1],
+        "live_accuracy": live[-1],  # with a weight average: the live weights' accuracy
         "best_val_accuracy": max(val),
         "train_seconds": sum(series("train/epoch_seconds")),
         "wall_seconds": wall,
@@ -91,10 +97,11 @@ def main() -> None:
     for name in args.only.split(","):
         print(f"training {name} ...", flush=True)
         rows.append((name, train(name, data_root, args.workdir)))
-    print(f"\n{'recipe':<14}{'epochs':>7}{'val acc':>9}{'best':>8}{'train s':>9}{'wall s':>8}")
+    columns = ("recipe", "epochs", "val acc", "live", "best", "train s", "wall s")
+    print("\n" + f"{columns[0]:<14}" + "".join(f"{c:>9}" for c in columns[1:]))
     for name, r in rows:
-        print(f"{name:<14}{r['epochs']:>7}{r['val_accuracy']:>9.4f}{r['best_val_accuracy']:>8.4f}"
-              f"{r['train_seconds']:>9.1f}{r['wall_seconds']:>8.1f}")  # fmt: skip
+        cells = [r["epochs"], *(f"{r[k]:.4f}" for k in ACCURACIES), *(f"{r[k]:.1f}" for k in TIMES)]
+        print(f"{name:<14}" + "".join(f"{c:>9}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ epochs each, of which the median images/s is the variant's figure.
 (b) is `cifar-bp train`'s own loop (DeviceLoader + train_step) at the tutorial's batch of 64
 in float32, with configs/default.yaml's data recipe (normalization and augmentation: more
 work per image than (a) does). (c) is the engine with the fastest settings for the device.
+The engine variants take the tutorial's optimizer (plain SGD, lr 0.01, no schedule, no
+weight average), so every variant does the same arithmetic per step and the figures
+compare the loops, not the optimizers.
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ class Variant:
     def overrides(self) -> list[str]:
         """The `--set` items that give `cifar-bp train` these settings."""
         sets = {"train.batch_size": self.batch_size, "model.channels_last": self.channels_last,
-                "train.amp": self.amp_dtype is not None, "train.compile": self.compile}  # fmt: skip
+                "train.amp": self.amp_dtype is not None, "train.compile": self.compile,
+                "optim.name": "sgd", "optim.lr": TUTORIAL_LR, "optim.momentum": 0.0,
+                "optim.nesterov": False, "optim.scheduler": "none", "train.ema_decay": "null",
+                "train.eval_flip": False}  # fmt: skip
         if self.amp_dtype:
             sets["train.amp_dtype"] = self.amp_dtype
         return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sets.items()]

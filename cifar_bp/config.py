@@ -30,7 +30,7 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(0, ge=0, le=16, description="pixels of padding for random crops")
+    crop_padding: int = Field(2, ge=0, le=16, description="pixels of padding for random crops")
     pad_mode: Literal["reflect", "zero"] = "reflect"
     flip: bool = True
 
@@ -82,10 +82,10 @@ class LossConfig(_Section):
 
 class OptimConfig(_Section):
     # muon: Muon for weight matrices and conv filters, Adam for biases and the classifier.
-    name: Literal["sgd", "adam", "adamw", "muon"] = "adam"
-    lr: float = Field(0.003, gt=0, description="peak learning rate")
-    momentum: float = Field(0.0, ge=0, lt=1)
-    nesterov: bool = False
+    name: Literal["sgd", "adam", "adamw", "muon"] = "muon"
+    lr: float = Field(0.0015, gt=0, description="peak learning rate")
+    momentum: float = Field(0.95, ge=0, lt=1, description="SGD and Muon")
+    nesterov: bool = True
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"

@@ -239,14 +239,18 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    m: Machinery, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int = 10
+    m: Machinery,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int = 10,
+    live: bool = False,
 ) -> EvalResult:
     """Mean per-image loss and accuracy over the batches, read back once at the end.
 
-    Scores the weight average when there is one, and with `m.eval_flip` averages the logits
-    of each image and its mirror (a flipped photo is as plausible as the original).
+    Scores the weight average when there is one (the live weights with `live`), and with
+    `m.eval_flip` averages the logits of each image and its mirror (a flipped photo is as
+    plausible as the original).
     """
-    model = m.average.model if m.average is not None else m.model
+    model = m.average.model if m.average is not None and not live else m.model
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=m.device, dtype=torch.float64)

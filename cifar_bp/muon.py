@@ -31,15 +31,27 @@ ADAM_MATCH = 0.2
 
 
 def orthogonalize(grad: torch.Tensor) -> torch.Tensor:
-    """Approximately U·Vᵀ of grad = U·S·Vᵀ, by Newton–Schulz iteration on a 2-D matrix."""
+    """Approximately U·Vᵀ of grad = U·S·Vᵀ, by Newton–Schulz iteration on a 2-D matrix.
+
+    Each step is X ← P(A)·X with A = X·Xᵀ and P(A) = a·I + b·A + c·A². P(A) is a polynomial
+    in A, so it commutes with A, and the next Gram matrix is P(A)·A·P(A). The whole
+    iteration therefore runs on the small r×r Gram matrix (r = the shorter side), and the
+    long side is touched only twice: forming A, and applying the product of the P's at the
+    end. For the 64×1024 `linear1` that is a quarter of the arithmetic of iterating on X.
+    """
     a, b, c = NS_COEFFS
     x = grad / (grad.norm() + 1e-7)  # the iteration needs singular values at most 1
     tall = x.size(0) > x.size(1)
-    if tall:  # iterate on the smaller Gram matrix
+    if tall:
         x = x.T
+    gram = x @ x.T
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    product = eye
     for _ in range(NS_STEPS):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        poly = a * eye + b * gram + c * gram @ gram
+        product = poly @ product
+        gram = poly @ gram @ poly
+    x = product @ x
     return x.T if tall else x
 
 

@@ -374,6 +374,9 @@ def end_epoch(run: Run, reporter: Reporter, seconds: float) -> dict[str, float]:
             result = evaluate_split(run, split)
             metrics[f"{split_name}/loss"] = result.loss
             metrics[f"{split_name}/accuracy"] = result.accuracy
+            if run.m.average is not None:  # what the average buys over the live weights
+                live = evaluate_split(run, split, live=True)
+                metrics[f"{split_name}/accuracy_live"] = live.accuracy
     run.tracker.scalars(metrics, run.pos.global_step)
     run.pos.next_epoch()
     run.meters.values["seen"].zero_()
@@ -389,13 +392,13 @@ def end_epoch(run: Run, reporter: Reporter, seconds: float) -> dict[str, float]:
     return metrics
 
 
-def evaluate_split(run: Run, split: Any) -> EvalResult:
+def evaluate_split(run: Run, split: Any, live: bool = False) -> EvalResult:
     """Every rank scores the whole split (it is small), so all ranks agree without a reduce."""
     loader = DeviceLoader(
         split, run.cfg.data, run.cfg.train.eval_batch_size, run.m.device, train=False,
         channels_last=run.cfg.model.channels_last,
     )  # fmt: skip
-    return evaluate(run.m, loader.epoch(0))
+    return evaluate(run.m, loader.epoch(0), live=live)
 
 
 def last_metrics(run: Run) -> dict[str, float]:

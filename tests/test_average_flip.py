@@ -76,3 +76,6 @@ def test_training_evaluates_and_keeps_the_weight_average(cli, tmp_path):
     batches = DeviceLoader(data.test, cfg.data, 128, torch.device("cpu"), train=False).epoch(0)
     raw = evaluate(_machinery(model, cfg.train.eval_flip, cfg.loss), batches)
     assert raw.loss != pytest.approx(logged, rel=1e-5)  # the live weights score differently
+    # ... and their accuracy is logged beside the average's.
+    live_logged = scalars(run_dir)["test/accuracy_live"][-1][1]
+    assert live_logged == pytest.approx(raw.accuracy)

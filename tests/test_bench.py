@@ -48,12 +48,14 @@ def test_variant_overrides_are_valid_train_settings():
             cfg = resolve_config(None, {}, variant.overrides())
             assert cfg.train.batch_size == variant.batch_size
             assert cfg.train.amp == (variant.amp_dtype is not None)
+            # The tutorial's optimizer, so (a), (b) and (c) do the same arithmetic per step.
+            assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scheduler) == ("sgd", 0.01, "none")
+            assert cfg.train.ema_decay is None
     fast_gpu = catalogue("cuda")["c"]
     assert fast_gpu == Variant("c", fast_gpu.label, 512, amp_dtype="bfloat16")
 
 
 def test_engine_loop_runs_more_epochs_than_the_default_recipe():
-    # The default recipe's per-batch lr schedule must stretch over all the benchmark's epochs.
     epochs = 6
     loop = EngineLoop(
         catalogue("cpu")["b"], synthetic_split(64, seed=0), torch.device("cpu"), epochs, False

@@ -7,7 +7,7 @@ import torch
 
 from cifar_bp.config import ModelConfig
 from cifar_bp.model import build_model
-from cifar_bp.muon import ADAM_MATCH, Muon, muon_groups, orthogonalize
+from cifar_bp.muon import ADAM_MATCH, NS_COEFFS, NS_STEPS, Muon, muon_groups, orthogonalize
 from tests.conftest import SMOKE, only_run, scalars
 
 
@@ -68,3 +68,16 @@ def test_training_with_muon_learns_and_resumes(cli, tmp_path):
     more = cli("train", "--resume", only_run(tmp_path), "--epochs", "3", "-q")
     assert more.exit_code == 0, more.stderr
     assert len(scalars(only_run(tmp_path))["test/accuracy"]) == 3
+
+
+def test_gram_form_equals_the_textbook_iteration():
+    """`orthogonalize` iterates on X·Xᵀ; iterating on X itself must give the same matrix."""
+    a, b, c = NS_COEFFS
+    torch.manual_seed(1)
+    for grad in (torch.randn(64, 1024), torch.randn(800, 32)):
+        x = grad / grad.norm()
+        x = x.T if x.size(0) > x.size(1) else x
+        for _ in range(NS_STEPS):
+            x = a * x + (b * (x @ x.T) + c * (x @ x.T) @ (x @ x.T)) @ x
+        x = x.T if grad.size(0) > grad.size(1) else x
+        assert torch.allclose(orthogonalize(grad), x, atol=1e-5)
