@@ -120,6 +120,7 @@ def train(
 
     * `cifar-bp train --config configs/smoke.yaml --loss mse`
     * `cifar-bp train --config configs/article.yaml --run-name article`
+    * `cifar-bp train --set optim.name=adam --set optim.lr=3e-3 --set train.ema_decay=0.999`
     * `cifar-bp train --resume runs/article` (after Ctrl-C: picks up at the same step)
     """
     from cifar_bp.distributed import world_from_env
