@@ -53,7 +53,7 @@ def orthogonalize_all(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     size = max(len(x) for x in wide)
     grams = wide[0].new_zeros(len(wide), size, size)
     for i, x in enumerate(wide):
-        torch.mm(x, x.T, out=grams[i, : len(x), : len(x)])
+        grams[i, : len(x), : len(x)] = x @ x.T
     product = torch.eye(size, device=grams.device).expand_as(grams).clone()
     for _ in range(NS_STEPS):
         poly = torch.baddbmm(grams, grams, grams, beta=b, alpha=c)  # b·A + c·A²

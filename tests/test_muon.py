@@ -7,7 +7,15 @@ import torch
 
 from cifar_bp.config import ModelConfig
 from cifar_bp.model import build_model
-from cifar_bp.muon import ADAM_MATCH, NS_COEFFS, NS_STEPS, Muon, muon_groups, orthogonalize
+from cifar_bp.muon import (
+    ADAM_MATCH,
+    NS_COEFFS,
+    NS_STEPS,
+    Muon,
+    muon_groups,
+    orthogonalize,
+    orthogonalize_all,
+)
 from tests.conftest import SMOKE, only_run, scalars
 
 
@@ -81,3 +89,13 @@ def test_gram_form_equals_the_textbook_iteration():
             x = a * x + (b * (x @ x.T) + c * (x @ x.T) @ (x @ x.T)) @ x
         x = x.T if grad.size(0) > grad.size(1) else x
         assert torch.allclose(orthogonalize(grad), x, atol=1e-5)
+
+
+def test_batched_matrices_of_different_sizes_do_not_mix():
+    """The zero-padded batch gives each matrix exactly what it would get alone."""
+    torch.manual_seed(2)
+    mats = [torch.randn(32, 75), torch.randn(64, 1024), torch.randn(800, 32), torch.randn(10, 64)]
+    together = orthogonalize_all(mats)
+    for mat, got in zip(mats, together, strict=True):
+        assert got.shape == mat.shape
+        assert torch.allclose(got, orthogonalize(mat), atol=1e-5)
