@@ -187,6 +187,13 @@ class Machinery:
     average: WeightAverage | None = None
     eval_flip: bool = False  # test-time augmentation: also score each image mirrored
 
+    @classmethod
+    def for_eval(
+        cls, model: nn.Module, loss_fn: nn.Module, device: torch.device, eval_flip: bool
+    ) -> Machinery:
+        """Just what `evaluate` touches: no optimizer, scheduler or scaler (float32)."""
+        return cls(model, loss_fn, None, None, None, device, None, None, [], eval_flip=eval_flip)  # type: ignore[arg-type]
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -61,8 +61,7 @@ def evaluate_checkpoint(
     average = payload.get("average")
     load_model_state(model, average["weights"] if average else payload["model"], path)
     data = load_dataset(cfg.data, cfg.train.seed)
-    m = Machinery(model, build_loss(cfg.loss).to(dev), None, None, None, dev, None, None, [],  # type: ignore[arg-type]
-                  eval_flip=cfg.train.eval_flip)  # fmt: skip
+    m = Machinery.for_eval(model, build_loss(cfg.loss).to(dev), dev, cfg.train.eval_flip)
     results = {}
     for name, split in (("val", data.val), ("test", data.test)):
         if split is not None:

@@ -19,7 +19,6 @@ from cifar_bp.config import Config
 from cifar_bp.data import Dataset, DeviceLoader, load_dataset
 from cifar_bp.distributed import World, init_process_group, unwrap, world_from_env
 from cifar_bp.engine import (
-    EvalResult,
     Machinery,
     Meters,
     WeightAverage,
@@ -371,11 +370,12 @@ def end_epoch(run: Run, reporter: Reporter, seconds: float) -> dict[str, float]:
     metrics["train/epoch_seconds"] = seconds
     for split_name, split in (("val", run.data.val), ("test", run.data.test)):
         if split is not None:
-            result = evaluate_split(run, split)
+            loader = eval_loader(run, split)
+            result = evaluate(run.m, loader.epoch(0))
             metrics[f"{split_name}/loss"] = result.loss
             metrics[f"{split_name}/accuracy"] = result.accuracy
             if run.m.average is not None:  # what the average buys over the live weights
-                live = evaluate_split(run, split, live=True)
+                live = evaluate(run.m, loader.epoch(0), live=True)
                 metrics[f"{split_name}/accuracy_live"] = live.accuracy
     run.tracker.scalars(metrics, run.pos.global_step)
     run.pos.next_epoch()
@@ -392,13 +392,16 @@ def end_epoch(run: Run, reporter: Reporter, seconds: float) -> dict[str, float]:
     return metrics
 
 
-def evaluate_split(run: Run, split: Any, live: bool = False) -> EvalResult:
-    """Every rank scores the whole split (it is small), so all ranks agree without a reduce."""
-    loader = DeviceLoader(
+def eval_loader(run: Run, split: Any) -> DeviceLoader:
+    """Every rank scores the whole split (it is small), so all ranks agree without a reduce.
+
+    One loader per split and epoch: with a weight average, both weight sets read the same
+    device copy of the split.
+    """
+    return DeviceLoader(
         split, run.cfg.data, run.cfg.train.eval_batch_size, run.m.device, train=False,
         channels_last=run.cfg.model.channels_last,
     )  # fmt: skip
-    return evaluate(run.m, loader.epoch(0), live=live)
 
 
 def last_metrics(run: Run) -> dict[str, float]:

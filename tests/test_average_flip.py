@@ -36,8 +36,7 @@ def test_weight_average_lerps_with_a_ramped_decay():
 
 def _machinery(model: torch.nn.Module, flip: bool, loss_cfg: LossConfig | None = None) -> Machinery:
     loss = build_loss(loss_cfg or LossConfig(label_smoothing=0.0))
-    return Machinery(model, loss, None, None, None, torch.device("cpu"), None, None, [],  # type: ignore[arg-type]
-                     eval_flip=flip)  # fmt: skip
+    return Machinery.for_eval(model, loss, torch.device("cpu"), flip)
 
 
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
