@@ -47,7 +47,10 @@ ReductionOpt = typer.Option(
     None, "--reduction", help="How per-element losses combine: mean or sum."
 )
 DeviceOpt = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Print only the final summary and errors.")
+QuietOpt = typer.Option(
+    False, "--quiet", "-q", help="No progress: print only notes, the final summary and errors."
+)
+CompareQuietOpt = typer.Option(False, "--quiet", "-q", help="Print only the table and errors.")
 
 
 @app.callback()
@@ -134,7 +137,7 @@ def train(
     )  # fmt: skip
     with user_errors():
         cfg, payload, run_dir, notes = prepare_resume(resume, config, flags, set_ or [], force)
-        reporter = make_reporter(quiet or not world_from_env().is_main)
+        reporter = make_reporter(quiet, main=world_from_env().is_main)
         for note in notes:
             reporter.note(note)
         try:
@@ -311,7 +314,7 @@ def compare(
     run_name: str | None = typer.Option(
         None, "--run-name", help="Name of the comparison's directory [default: compare-<time>]."
     ),
-    quiet: bool = QuietOpt,
+    quiet: bool = CompareQuietOpt,
 ) -> None:
     """Train one run per loss × reduction from the same weights and data order, then compare.
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,9 @@ from torch import nn
 
 # A rank that fails must end the job, not leave the others waiting in a collective forever.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+# Rank 0's first decode of a large image folder can take minutes: the others wait this long.
+SLOW_WORK_TIMEOUT = datetime.timedelta(hours=2)
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,6 +57,22 @@ class World:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """Run `work` on rank 0, then on the other ranks, e.g. so that rank 0 fills a cache
+        that the others then read. If rank 0 fails, torchrun stops the waiting ranks."""
+        if not self.active:
+            return work()
+        # A gloo group of its own: its long timeout is for this wait alone, and gloo
+        # waits on the CPU whatever the training device.
+        group = dist.new_group(backend="gloo", timeout=SLOW_WORK_TIMEOUT)
+        if not self.is_main:
+            dist.barrier(group=group)
+        result = work()
+        if self.is_main:
+            dist.barrier(group=group)
+        dist.destroy_process_group(group)
+        return result
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         if not self.active:

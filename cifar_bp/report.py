@@ -110,9 +110,20 @@ class RichReporter(PlainReporter):
         self.bar.stop()
 
 
-def make_reporter(quiet: bool, prefix: str = "") -> QuietReporter:
-    if quiet:
+class NotesReporter(QuietReporter):
+    """--quiet: no progress, but still the notes that explain the figures (such as which
+    split was evaluated) or a change of plan (such as a cache that was decoded again)."""
+
+    def note(self, message: str) -> None:
+        print(message, flush=True)
+
+
+def make_reporter(quiet: bool, prefix: str = "", main: bool = True) -> QuietReporter:
+    """What one process shows; ranks other than the main one under torchrun show nothing."""
+    if not main:
         return QuietReporter()
+    if quiet:
+        return NotesReporter()
     if sys.stdout.isatty():
         return RichReporter(prefix)
     return PlainReporter(prefix)

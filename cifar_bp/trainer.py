@@ -123,7 +123,8 @@ def setup(cfg: Config, resume: dict[str, Any] | None, run_dir: Path | None) -> R
     device = pick_device(cfg, world)
     amp_dtype(cfg.train, device)  # reject float16-on-CPU before any slow work
     init_process_group(world, device)
-    data = load_dataset(cfg.data, cfg.train.seed)
+    # Rank 0 first: a folder source is then decoded and cached once, not once per rank.
+    data = world.main_first(lambda: load_dataset(cfg.data, cfg.train.seed))
     loader = DeviceLoader(
         data.train, cfg.data, cfg.train.batch_size, device, train=True, seed=cfg.train.seed,
         rank=world.rank, world=world.size, channels_last=cfg.model.channels_last,

@@ -113,3 +113,35 @@ def test_an_error_on_one_rank_ends_the_job_promptly(tmp_path):
     assert result.returncode != 0
     assert "error: rank 0: run" in result.stderr and "already exists" in result.stderr
     assert time.monotonic() - started < 90
+
+
+# Each rank logs when its work starts and ends; rank 0's work is slow on purpose.
+MAIN_FIRST = """
+import sys, time, torch
+from pathlib import Path
+from cifar_bp.distributed import init_process_group, shutdown, world_from_env
+
+world = world_from_env()
+init_process_group(world, torch.device("cpu"))
+log = Path(sys.argv[1])
+
+def work():
+    with log.open("a") as f:
+        f.write(f"start {world.rank}\\n")
+    time.sleep(1.0 if world.is_main else 0.0)
+    with log.open("a") as f:
+        f.write(f"end {world.rank}\\n")
+    return world.rank
+
+assert world.main_first(work) == world.rank
+shutdown(world)
+"""
+
+
+def test_rank_zero_loads_the_data_before_the_others(tmp_path):
+    script, log = tmp_path / "main_first.py", tmp_path / "order.log"
+    script.write_text(MAIN_FIRST)
+    result = torchrun(str(script), str(log), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Without the wait, rank 1 would start while rank 0 sleeps.
+    assert log.read_text().splitlines() == ["start 0", "end 0", "start 1", "end 1"]

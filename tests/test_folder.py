@@ -285,16 +285,18 @@ def test_decoding_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, monkeyp
     assert lines[-1] == "  decoded 20/20" and len(lines) <= 11
 
 
-def test_training_on_a_folder_without_test_evaluates_on_validation(cli, tmp_path):
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress", "quiet"])
+def test_training_on_a_folder_without_test_evaluates_on_validation(cli, tmp_path, quiet):
     make_split(tmp_path / "data" / "train", [f"class{c}" for c in range(10)], per_class=12)
     logdir = tmp_path / "runs"
-    # Not -q: the note about the validation split is printed with the progress output.
     result = cli("train", "--config", SMOKE, "--set", "data.source=folder",
                  "--set", f"data.root={tmp_path / 'data'}", "--set", "data.val_size=20",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", "--epochs", 1,
-                 "--logdir", logdir)  # fmt: skip
+                 "--logdir", logdir, *(["-q"] if quiet else []))  # fmt: skip
     assert result.exit_code == 0, result.output
+    # The note explains which split the figures are for, so even -q prints it.
     assert "no test/ folder: evaluating on the validation split" in result.stdout
+    assert ("epoch 1/1 step" in result.stdout) is not quiet  # progress only without -q
     series = scalars(only_run(logdir))
     assert {"val/loss", "val/accuracy"} <= set(series)
     assert not any(tag.startswith("test/") for tag in series)
