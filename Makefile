@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CIFAR_ARCHIVE ?= ../shared/data/cifar10-jpeg-train.tar.gz
 
-.PHONY: install demo test lint format train tensorboard bench accuracy clean
+.PHONY: install demo test test-quick lint format train tensorboard bench accuracy screenshots clean
 
 install: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## train offline on built-in synthetic data (seconds on a CPU)
 	$(BIN)/cifar-bp train --config configs/smoke.yaml
 
-test: $(STAMP)
+test: $(STAMP)  ## the whole suite, as CI runs it
 	$(BIN)/python -m pytest -q
+
+test-quick: $(STAMP)  ## the suite without the slow end-to-end cases
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,6 +33,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+screenshots: $(STAMP)  ## TensorBoard pages and terminal outputs as PNGs in docs/images (needs chromium)
+	$(BIN)/python scripts/screenshots.py
 
 train: $(STAMP)  ## real CIFAR-10 with configs/default.yaml (downloads on first use)
 	$(BIN)/cifar-bp train

@@ -1,24 +1,161 @@
-"""Checkpoints: written atomically, loaded with `weights_only=True` only.
+"""The checkpoint format, in one place: what a checkpoint holds, how it is captured from a
+run and restored into one, and how it is written (atomically) and read (`weights_only`).
 
-A checkpoint is a plain dict of tensors, numbers and strings (the config as JSON-able
-data), so `torch.load(weights_only=True)` can read it without running pickled code.
+A checkpoint is a plain dict of tensors, numbers and strings (the config as JSON-able data),
+so `torch.load(weights_only=True)` reads it without running pickled code. Nothing non-finite
+is ever written: a diverged run keeps its last finite checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cifar_bp.errors import CliError
+from cifar_bp.errors import CliError, UsageError
 
-FORMAT_VERSION = 1
-REQUIRED = ("format_version", "model", "config", "epoch", "global_step")
+if TYPE_CHECKING:
+    from cifar_bp.engine import Machinery, Meters
+    from cifar_bp.setup import Run
+
+FORMAT_VERSION = 2
+REQUIRED = ("format_version", "model", "config", "epoch", "step_in_epoch", "global_step")
+TEMP_PREFIX = "."  # temporary files are `.<name>.tmp-<pid>` beside the checkpoint
+TEMP_MARK = ".tmp-"
+
+
+@dataclass
+class Position:
+    """Completed work: `epoch` epochs, then `step_in_epoch` steps of the next one."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+    def advance(self) -> None:
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+
+def capture(run: Run) -> dict[str, Any]:
+    """Everything needed to continue `run` bitwise where it stands."""
+    m, pos = run.m, run.pos
+    cuda = torch.cuda.get_rng_state(m.device) if m.device.type == "cuda" else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "run_id": run.run_id,
+        "model": m.plain.state_dict(),
+        "optimizer": m.optimizer.state_dict(),
+        "scheduler": m.scheduler.state_dict() if m.scheduler is not None else None,
+        "schedule_steps": len(run.train_loader) * run.cfg.train.epochs,
+        "scaler": m.scaler.state_dict(),
+        "average": m.average.state_dict() if m.average is not None else None,
+        # The data order is (train.seed, epoch, step): the position is all a resume needs.
+        "epoch": pos.epoch,
+        "step_in_epoch": pos.step_in_epoch,
+        "global_step": pos.global_step,
+        "world_size": run.world.size,
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+        "meters": {k: v.detach().cpu() for k, v in run.meters.values.items()},
+        "best_metric": run.best,
+        "elapsed": run.elapsed,
+        "config": run.cfg.model_dump(mode="json"),
+        "classes": list(run.data.classes),
+        "data_identity": run.data_identity,
+    }
+
+
+def restore(
+    payload: dict[str, Any], m: Machinery, meters: Meters, steps: int, same_optim: bool
+) -> Position:
+    """Put model, optimizer, scheduler, scaler, average, meters and RNGs back where they were.
+
+    With `same_optim` false (a forced change of optim.*), the optimizer starts afresh and the
+    schedule is recomputed: the saved state would restore the old lr.
+    """
+    load_model_state(m.plain, payload["model"], Path("checkpoint"))
+    pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    if same_optim:
+        m.optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("scaler"):
+        m.scaler.load_state_dict(payload["scaler"])
+    if m.average is not None:
+        if payload.get("average"):
+            m.average.load_state_dict(payload["average"])
+        else:  # averaging switched on at resume: start the average from the live weights
+            m.average.model.load_state_dict(m.plain.state_dict())
+    if m.scheduler is not None:
+        if same_optim and payload.get("schedule_steps") == steps:
+            m.scheduler.load_state_dict(payload["scheduler"])
+        else:  # epochs or schedule changed: recompute the schedule up to this step
+            for _ in range(pos.global_step):
+                m.step_schedule()
+    for name, value in payload.get("meters", {}).items():
+        if name in meters.values:
+            meters.values[name].copy_(value)
+    torch.set_rng_state(payload["rng"]["torch"])
+    if m.device.type == "cuda" and payload["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(payload["rng"]["cuda"], m.device)
+    return pos
+
+
+def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The config the checkpoint was trained with, as plain data."""
+    cfg = payload.get("config")
+    if not isinstance(cfg, dict):
+        raise CliError(f"{path}: the checkpoint holds no config")
+    return cfg
+
+
+def weights_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights to score or deploy: the weight average where the run kept one."""
+    average = payload.get("average")
+    return average["weights"] if average else payload["model"]
+
+
+def _tensors(node: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(node, torch.Tensor):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _tensors(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            yield from _tensors(value, f"{path}[{i}]")
+
+
+def first_nonfinite(payload: dict[str, Any]) -> str | None:
+    """The first floating-point tensor of the weights, average or optimizer state that holds
+    an inf or NaN (None when all are finite)."""
+    for part in ("model", "average", "optimizer"):
+        for name, tensor in _tensors(payload.get(part), part):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return name
+    best = payload.get("best_metric")
+    return "best_metric" if isinstance(best, float) and math.isnan(best) else None
+
+
+def clean_temporaries(run_dir: Path) -> list[str]:
+    """Remove temporary checkpoint files a killed process left behind (we hold the run's
+    lock, so none of them is being written)."""
+    removed = []
+    for tmp in run_dir.glob(f"{TEMP_PREFIX}*.pt{TEMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp.name)
+    return removed
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -32,7 +169,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     # it), and the file is open only for one plain write.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
@@ -67,7 +204,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise CliError(f"checkpoint not found: {path}")
+        raise UsageError(f"checkpoint not found: {path} (give a last.pt/best.pt or a run folder)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -75,13 +212,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CliError(
             f"{path} is not a readable checkpoint (truncated or not one): {first}"
         ) from None
-    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED):
-        raise CliError(f"{path} is not a cifar-bp checkpoint (it lacks {', '.join(REQUIRED)})")
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CliError(f"{path} is not a cifar-bp checkpoint (it has no format_version)")
     if payload["format_version"] != FORMAT_VERSION:
         raise CliError(
             f"{path} has checkpoint format {payload['format_version']}, this cifar-bp reads "
             f"format {FORMAT_VERSION}"
         )
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise CliError(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
     return payload
 
 

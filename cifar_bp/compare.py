@@ -14,17 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
+from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import Config, resolve_config
-from cifar_bp.engine import amp_dtype, check_trainable, resolve_device
-from cifar_bp.errors import UsageError
+from cifar_bp.engine import check_trainable
+from cifar_bp.errors import Diverged, UsageError
 from cifar_bp.losses import LOSS_NAMES
 from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, table
+from cifar_bp.setup import resolve_device, resolve_precision
 from cifar_bp.tracking import plan_run_dir
 from cifar_bp.trainer import RunResult
 
 REDUCTION_NAMES = ("mean", "sum")  # `none` cannot train: backward() needs a scalar
+# Optimizers whose step does not grow with the gradient's scale (Adam's normalisation,
+# Muon's orthogonalisation): for them mean vs sum is a constant factor they divide away.
+SCALE_INVARIANT = ("adam", "adamw", "muon")
 
 
 @dataclass
@@ -36,9 +42,10 @@ class Plan:
 @dataclass
 class Outcome:
     label: str
-    result: RunResult
-    final_loss: float | None  # the train loss of the last logged window
-    seconds: float  # wall time, set-up and evaluation included
+    cfg: Config
+    result: RunResult | None  # None when the run diverged
+    diverged_at: int | None = None  # the global step Diverged named
+    seconds: float = 0.0  # wall time, set-up and evaluation included
 
 
 def parse_names(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
@@ -102,70 +109,69 @@ def plan_comparison(
 def check_run(cfg: Config) -> None:
     """The checks `train` makes before it creates anything, made for every run up front."""
     check_trainable(cfg)
-    amp_dtype(cfg.train, resolve_device(cfg.train.device))
+    resolve_precision(cfg.train, resolve_device(cfg.train.device))
     plan_run_dir(cfg)
 
 
-class RunLabels:
-    """Mixed into a reporter: every line names its run, and the last train loss is kept."""
+class LabelledReporter:
+    """The terminal's reporter for a whole comparison: every line names its run.
 
-    prefix = ""
-    last_loss: float | None = None
+    A plain wrapper: it sets the wrapped reporter's prefix at each run's start and passes
+    everything else through, so rich, plain and quiet output all work unchanged.
+    """
+
+    def __init__(self, inner: QuietReporter) -> None:
+        self.inner = inner
 
     def start_run(self, label: str, index: int, total: int) -> None:
-        self.prefix = self.label_prefix(label)
-        self.last_loss = None
-        self.note(f"run {index + 1}/{total}")  # type: ignore[attr-defined]
+        if isinstance(self.inner, PlainReporter):
+            prefix = f"[{label}] "
+            # rich would read "[ce-mean]" as a style tag and swallow it
+            self.inner.prefix = escape(prefix) if isinstance(self.inner, RichReporter) else prefix
+        self.inner.note(f"run {index + 1}/{total}")
 
-    def label_prefix(self, label: str) -> str:
-        return f"[{label}] "
+    def note(self, message: str) -> None:
+        # a diverged run's message is data: rich must not read a "[...]" in it as a style
+        self.inner.note(escape(message) if isinstance(self.inner, RichReporter) else message)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.inner.epoch_start(epoch, epochs, steps, done)
 
     def progress(self, done: int, loss: float, images_per_s: float) -> None:
-        self.last_loss = loss
-        super().progress(done, loss, images_per_s)  # type: ignore[misc]
+        self.inner.progress(done, loss, images_per_s)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        self.inner.epoch_end(epoch, metrics, seconds)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
-class QuietCompareReporter(RunLabels, QuietReporter):
-    pass
-
-
-class PlainCompareReporter(RunLabels, PlainReporter):
-    pass
-
-
-class RichCompareReporter(RunLabels, RichReporter):
-    """One live display for the whole comparison: each run's epochs add labelled bars."""
-
-    def label_prefix(self, label: str) -> str:
-        from rich.markup import escape
-
-        return escape(f"[{label}] ")  # else rich would read "[ce-mean]" as a style tag
-
-
-CompareReporter = QuietCompareReporter | PlainCompareReporter | RichCompareReporter
-
-
-def make_compare_reporter(quiet: bool) -> CompareReporter:
+def make_compare_reporter(quiet: bool) -> LabelledReporter:
     """As `make_reporter`: a live display on a terminal, plain lines otherwise, or nothing."""
     if quiet:
-        return QuietCompareReporter()
-    if sys.stdout.isatty():
-        return RichCompareReporter()
-    return PlainCompareReporter()
+        return LabelledReporter(QuietReporter())
+    return LabelledReporter(RichReporter() if sys.stdout.isatty() else PlainReporter())
 
 
-def run_comparison(plan: Plan, reporter: CompareReporter) -> list[Outcome]:
-    """Train the planned runs one after another; stop early if one was interrupted."""
+def run_comparison(plan: Plan, reporter: LabelledReporter) -> list[Outcome]:
+    """Train the planned runs one after another; a diverged run becomes an outcome and the
+    others still train; stop early only if one was interrupted."""
     from cifar_bp.trainer import train
 
     outcomes = []
     for index, (label, cfg) in enumerate(plan.runs):
         reporter.start_run(label, index, len(plan.runs))
         started = time.perf_counter()
-        result = train(cfg, reporter)
-        seconds = time.perf_counter() - started
-        outcomes.append(Outcome(label, result, reporter.last_loss, seconds))
-        if result.stopped_by:
+        try:
+            outcome = Outcome(label, cfg, train(cfg, reporter))
+        except Diverged as err:
+            # The lesson, not a failure: sum-reduced SGD steps are N times larger.
+            reporter.note(f"diverged at step {err.step}: {err}")
+            outcome = Outcome(label, cfg, None, diverged_at=err.step)
+        outcome.seconds = time.perf_counter() - started
+        outcomes.append(outcome)
+        if outcome.result is not None and outcome.result.stopped_by:
             break
     return outcomes
 
@@ -174,23 +180,83 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def per_image(outcome: Outcome) -> float | None:
+    """The final train loss per image, so mean- and sum-reduced runs compare.
+
+    sum adds the batch's N images; mean divides by N (CE) or by the N·C one-hot entries
+    (MSE, L1: see losses.elements_averaged), so mean × C is per image there.
+    """
+    loss = outcome.result.final_loss if outcome.result is not None else None
+    if loss is None:
+        return None
+    cfg = outcome.cfg.loss
+    if cfg.reduction == "sum":
+        return loss / outcome.cfg.train.batch_size
+    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
+
+
+def status(outcome: Outcome) -> str:
+    if outcome.diverged_at is not None:
+        return f"diverged at step {outcome.diverged_at}"
+    assert outcome.result is not None
+    return f"stopped by {outcome.result.stopped_by}" if outcome.result.stopped_by else "finished"
+
+
 def comparison_table(outcomes: list[Outcome]) -> Table:
     """Runs as columns, so a run's numbers read top to bottom and runs compare across."""
 
     def metric(o: Outcome, *keys: str) -> str:
-        return _g(next((o.result.metrics[k] for k in keys if k in o.result.metrics), None))
+        found = o.result.metrics if o.result is not None else {}
+        return _g(next((found[k] for k in keys if k in found), None))
 
     rows: list[tuple[Any, ...]] = [
-        ("final train loss", *(_g(o.final_loss) for o in outcomes)),
+        ("status", *(status(o) for o in outcomes)),
+        ("train loss per image", *(_g(per_image(o)) for o in outcomes)),
         ("test accuracy", *(metric(o, "test/accuracy", "val/accuracy") for o in outcomes)),
         ("wall time", *(f"{o.seconds:.1f}s" for o in outcomes)),
     ]
-    for name in outcomes[0].result.grad_norm_means:
-        means = (_g(o.result.grad_norm_means.get(name)) for o in outcomes)
-        rows.append((f"mean ‖g‖ {name.removeprefix('model1.')}", *means))
-    if any(o.result.stopped_by for o in outcomes):
-        rows.append(("stopped by", *(o.result.stopped_by or "" for o in outcomes)))
+    finished = [o.result for o in outcomes if o.result is not None]
     # mean ‖g‖: the parameter's gradient norm averaged over the run's log points.
-    out = table("Comparison", ["", *(o.label for o in outcomes)], rows)
+    for name in finished[0].grad_norm_means if finished else []:
+        means = (_g(o.result.grad_norm_means.get(name) if o.result else None) for o in outcomes)
+        rows.append((f"mean ‖g‖ {name.removeprefix('model1.')}", *means))
+    optim = outcomes[0].cfg.optim
+    title = f"Comparison (optimizer {optim.name}, lr {optim.lr:g})"
+    out = table(title, ["", *(escape(o.label) for o in outcomes)], rows)
     out.columns[0].no_wrap = True
     return out
+
+
+def per_image_note(outcomes: list[Outcome]) -> str:
+    """How each run's loss was brought to one image, for the reductions in the table."""
+    how = []
+    if any(o.cfg.loss.reduction == "sum" for o in outcomes):
+        how.append(f"sum ÷ N = {outcomes[0].cfg.train.batch_size} images of a batch")
+    if any(o.cfg.loss.reduction == "mean" and o.cfg.loss.name != "ce" for o in outcomes):
+        c = NUM_CLASSES
+        how.append(f"MSE/L1 mean × {c} (mean averaged all N·{c} one-hot entries)")
+    if any(o.cfg.loss.reduction == "mean" and o.cfg.loss.name == "ce" for o in outcomes):
+        how.append("CE mean as it is (already averaged over the N images)")
+    return "train loss per image: " + "; ".join(how)
+
+
+def comparison_notes(outcomes: list[Outcome]) -> list[str]:
+    """What to read into the table: how the optimizer treats the loss's scale, and any loss
+    setting that is not the plain torch.nn loss."""
+    cfg = outcomes[0].cfg
+    name = cfg.optim.name
+    notes = [per_image_note(outcomes)]
+    if name in SCALE_INVARIANT:
+        notes.append(
+            f"{name} divides each step by the gradient's own running size, so mean and sum "
+            "take the same steps (up to eps): here reduction only rescales the loss"
+            + ("; grad_clip, though, clips them differently" if cfg.optim.grad_clip else "")
+        )
+    else:
+        notes.append(
+            f"{name}'s step is lr × gradient: sum makes it N (CE) or N·C (MSE, L1) times "
+            "larger than mean, so the same lr can diverge under sum"
+        )
+    if cfg.loss.label_smoothing and any(o.cfg.loss.name == "ce" for o in outcomes):
+        notes.append(f"ce runs use label_smoothing {cfg.loss.label_smoothing:g} from the config")
+    return notes

@@ -8,20 +8,16 @@ single batched gather.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from cifar_bp.cifar10 import CLASSES, SIDE
 from cifar_bp.config import AugmentConfig, DataConfig
 from cifar_bp.errors import CliError, UsageError
-
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-SIDE = 32  # CIFAR images are 32×32 pixels
 
 
 @dataclass
@@ -41,8 +37,18 @@ class Dataset:
     train: Split
     test: Split | None
     val: Split | None = None
-    classes: tuple[str, ...] = CIFAR10_CLASSES
+    classes: tuple[str, ...] = CLASSES
     notes: list[str] = field(default_factory=list)
+
+    def identity(self) -> str:
+        """A digest of every split's images and labels and of the class names: a resume
+        compares it with the checkpoint's, so changed data is noticed, not trained on."""
+        digest = hashlib.sha256("\n".join(self.classes).encode())
+        for split in (self.train, self.val, self.test):
+            if split is not None:
+                digest.update(split.labels.numpy().tobytes())
+                digest.update(split.images.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def eval_split(self) -> tuple[str, Split]:
@@ -62,13 +68,24 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     elif cfg.source == "cifar10":
         data = Dataset(*(cifar10_split(cfg, train) for train in (True, False)))
     else:
-        from cifar_bp.folder import load_folder  # PIL and the cache only when used
-
-        data = load_folder(cfg)
+        data = folder_dataset(cfg)
     data.train = _head(data.train, cfg.train_size)
     if data.test is not None:
         data.test = _head(data.test, cfg.test_size)
     return split_validation(data, cfg.val_size, seed)
+
+
+def folder_dataset(cfg: DataConfig) -> Dataset:
+    from cifar_bp.folder import load_folder  # PIL and the cache only when used
+
+    found = load_folder(cfg)
+
+    def split(arrays: tuple | None) -> Split | None:
+        return None if arrays is None else Split(*(torch.from_numpy(a) for a in arrays))
+
+    train = split(found.train)
+    assert train is not None
+    return Dataset(train, split(found.test), classes=found.classes, notes=found.notes)
 
 
 def _head(split: Split, size: int | None) -> Split:

@@ -7,91 +7,21 @@ the host wait for the device: the loss, accuracy and gradient norms stay on the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cifar_bp.config import Config, OptimConfig, TrainConfig
+from cifar_bp.cifar10 import NUM_CLASSES
+from cifar_bp.config import Config
 from cifar_bp.errors import UsageError
 
-# The scheduler steps even when GradScaler skipped the optimizer step (a float16 overflow);
-# PyTorch warns about that order, but the lr schedule should follow steps taken, not updates.
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"train.device={spec}: CUDA is not available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"train.device={spec}: only {torch.cuda.device_count()} CUDA device(s) present"
-            )
-    return device
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
-    if not cfg.amp:
-        return None
-    if cfg.amp_dtype == "float16" and device.type == "cpu":
-        raise UsageError(
-            "train.amp_dtype=float16 is not supported on the CPU: use bfloat16 or --no-amp"
-        )
-    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-
-
-def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
-    """float16 needs loss scaling (its range is narrow); bfloat16 and float32 do not.
-
-    A disabled GradScaler passes every call straight through, so the step has one code path.
-    """
-    wanted = cfg.grad_scaler is True or (
-        cfg.grad_scaler == "auto" and cfg.amp and cfg.amp_dtype == "float16"
-    )
-    return torch.amp.GradScaler(device.type, init_scale=cfg.init_scale, enabled=wanted)
-
-
-def build_optimizer(
-    cfg: OptimConfig, named: list[tuple[str, nn.Parameter]]
-) -> torch.optim.Optimizer:
-    params = [p for _, p in named]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )  # fmt: skip
-    if cfg.name == "muon":
-        from cifar_bp.muon import Muon, muon_groups
-
-        return Muon(
-            muon_groups(named), cfg.lr, cfg.momentum, cfg.nesterov, cfg.betas, cfg.weight_decay
-        )
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(
-    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Schedules step once per batch, over the whole run."""
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_pct,
-            cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0,
-        )  # fmt: skip
-    return None
+if TYPE_CHECKING:
+    from cifar_bp.setup import Precision
 
 
 @dataclass
@@ -173,31 +103,31 @@ class WeightAverage:
 
 @dataclass
 class Machinery:
-    """Everything one training step touches."""
+    """Everything one training step touches; built by `cifar_bp.setup.build_machinery`."""
 
-    model: nn.Module
+    model: nn.Module  # what the step calls: possibly DDP-wrapped and compiled
+    plain: nn.Module  # the same weights unwrapped: names read model1.conv1.weight
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler
-    device: torch.device
-    dtype: torch.dtype | None
+    precision: Precision
     grad_clip: float | None
     params: list[nn.Parameter]
     average: WeightAverage | None = None
-    eval_flip: bool = False  # test-time augmentation: also score each image mirrored
 
-    @classmethod
-    def for_eval(
-        cls, model: nn.Module, loss_fn: nn.Module, device: torch.device, eval_flip: bool
-    ) -> Machinery:
-        """Just what `evaluate` touches: no optimizer, scheduler or scaler (float32)."""
-        return cls(model, loss_fn, None, None, None, device, None, None, [], eval_flip=eval_flip)  # type: ignore[arg-type]
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def step_schedule(self) -> None:
+        if self.scheduler is None:
+            return
+        # The schedule follows steps taken, even where GradScaler skipped an update (a
+        # float16 overflow); PyTorch warns about that order, which here is intended.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
 
 
 def train_step(
@@ -206,7 +136,7 @@ def train_step(
     """One optimisation step; returns the per-parameter gradient norms (on the device)."""
     # set_to_none frees the old gradients instead of writing zeros into them.
     m.optimizer.zero_grad(set_to_none=True)
-    with m.autocast():
+    with m.precision.autocast():
         logits = m.model(images)
         # The loss in float32: softmax and log of float16 logits lose too much precision.
         loss = m.loss_fn(logits.float(), labels)
@@ -223,8 +153,7 @@ def train_step(
     # step() skips the update if any gradient is inf/NaN; update() then lowers the scale.
     m.scaler.step(m.optimizer)
     m.scaler.update()
-    if m.scheduler is not None:
-        m.scheduler.step()
+    m.step_schedule()
     if m.average is not None:
         m.average.update()  # after step(), so the average takes in the weights just written
     meters.update(loss.detach(), logits.detach(), labels, total)
@@ -240,56 +169,58 @@ def grad_norms(params: list[nn.Parameter]) -> torch.Tensor:
 class EvalResult:
     loss: float
     accuracy: float
-    per_class: list[float]  # accuracy of each class (NaN where a class has no images)
+    per_class: list[float | None]  # accuracy of each class (None where it has no images)
     count: int
+    confusion: list[list[int]]  # counts: rows are the true class, columns the prediction
 
 
 @torch.no_grad()
 def evaluate(
-    m: Machinery,
+    model: nn.Module,
+    loss_fn: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int = 10,
-    live: bool = False,
+    precision: Precision,
+    flip: bool = False,
 ) -> EvalResult:
-    """Mean per-image loss and accuracy over the batches, read back once at the end.
+    """Mean per-image loss, accuracy and the confusion matrix, read back once at the end.
 
-    Scores the weight average when there is one (the live weights with `live`), and with
-    `m.eval_flip` averages the logits of each image and its mirror (a flipped photo is as
-    plausible as the original).
+    With `flip` it averages the logits of each image and its mirror (test-time
+    augmentation: a flipped photo is as plausible as the original).
     """
-    model = m.average.model if m.average is not None and not live else m.model
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=m.device, dtype=torch.float64)
-    hits = torch.zeros(num_classes, device=m.device)
-    totals = torch.zeros(num_classes, device=m.device)
+    c = NUM_CLASSES
+    loss_sum = torch.zeros((), device=precision.device, dtype=torch.float64)
+    confusion = torch.zeros(c * c, device=precision.device, dtype=torch.int64)
     for images, labels in batches:
-        with m.autocast():
+        with precision.autocast():
             logits = model(images)
-            if m.eval_flip:
+            if flip:
                 logits = (logits + model(images.flip(3))) / 2
-        loss_sum += m.loss_fn(logits.float(), labels).double() * _per_batch(m, labels)
-        correct = (logits.argmax(1) == labels).float()
-        totals += torch.bincount(labels, minlength=num_classes)[:num_classes]
-        hits.index_add_(0, labels, correct)
+        loss_sum += loss_fn(logits.float(), labels).double() * _per_batch(loss_fn, labels)
+        # One bincount over (true, predicted) pairs fills the whole matrix without a sync.
+        confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
     model.train(was_training)
-    return summarize(loss_sum, hits, totals)
+    return summarize(loss_sum, confusion.view(c, c))
 
 
-def _per_batch(m: Machinery, labels: torch.Tensor) -> float:
+def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:
     """Weight that turns a batch's loss into a sum over its images."""
-    reduction = getattr(m.loss_fn, "reduction", None) or m.loss_fn.criterion.reduction
+    reduction = getattr(loss_fn, "reduction", None) or loss_fn.criterion.reduction
     return labels.numel() if reduction == "mean" else 1.0
 
 
-def summarize(loss_sum: torch.Tensor, hits: torch.Tensor, totals: torch.Tensor) -> EvalResult:
-    count = int(totals.sum().item())
-    per_class = (hits / totals).tolist()
+def summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:
+    matrix = confusion.cpu()
+    totals, hits = matrix.sum(1), matrix.diagonal()
+    count = int(totals.sum())
+    per_class = [h / t if t else None for h, t in zip(hits.tolist(), totals.tolist(), strict=True)]
     return EvalResult(
         loss=loss_sum.item() / max(count, 1),
-        accuracy=hits.sum().item() / max(count, 1),
+        accuracy=int(hits.sum()) / max(count, 1),
         per_class=per_class,
         count=count,
+        confusion=matrix.tolist(),
     )
 
 

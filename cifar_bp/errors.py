@@ -11,3 +11,15 @@ class UsageError(CliError):
     """A mistake in the command line or the config: exit 2, like argument errors."""
 
     exit_code = 2
+
+
+class Diverged(CliError):
+    """Training produced non-finite losses or weights; nothing non-finite was saved.
+
+    `step` is the global step at which it was noticed, so `compare` can report the run as
+    a row ("diverged at step N") instead of failing the whole comparison.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cifar_bp.checkpoint import load_checkpoint, load_model_state
 from cifar_bp.config import Config, read_yaml, resolve_config
-from cifar_bp.engine import EvalResult, Machinery, evaluate, resolve_device
+from cifar_bp.engine import EvalResult, evaluate
 from cifar_bp.errors import UsageError
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
 from cifar_bp.resume import checkpoint_config
+from cifar_bp.setup import resolve_device, resolve_precision
 
 # Only these may differ from the checkpoint's config: the model is the checkpoint's.
 EVAL_KEYS = ("data.", "train.eval_batch_size", "train.eval_flip", "train.device")
@@ -28,8 +29,20 @@ class Outcome:
         return {
             "checkpoint": str(self.checkpoint),
             "classes": self.classes,
-            "results": {k: asdict(v) for k, v in self.results.items()},
+            "results": {split: split_dict(r) for split, r in self.results.items()},
         }
+
+
+def split_dict(result: EvalResult) -> dict[str, Any]:
+    """One split for --json: the confusion matrix (rows = true class, one column per network
+    output) sits beside the accuracy it explains: its diagonal over its total."""
+    return {
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "confusion_matrix": result.confusion,
+        "per_class": result.per_class,
+        "count": result.count,
+    }
 
 
 def eval_config(
@@ -61,11 +74,15 @@ def evaluate_checkpoint(
     average = payload.get("average")
     load_model_state(model, average["weights"] if average else payload["model"], path)
     data = load_dataset(cfg.data, cfg.train.seed)
-    m = Machinery.for_eval(model, build_loss(cfg.loss).to(dev), dev, cfg.train.eval_flip)
+    loss_fn = build_loss(cfg.loss).to(dev)
+    # The precision the run trained and evaluated with, so the figures match its logs.
+    precision = resolve_precision(cfg.train, dev)
     results = {}
     for name, split in (("val", data.val), ("test", data.test)):
         if split is not None:
             loader = DeviceLoader(split, cfg.data, cfg.train.eval_batch_size, dev, train=False,
                                   channels_last=cfg.model.channels_last)  # fmt: skip
-            results[name] = evaluate(m, loader.epoch(0))
+            results[name] = evaluate(
+                model, loss_fn, loader.epoch(0), precision, cfg.train.eval_flip
+            )
     return Outcome(path, list(data.classes), results)

@@ -6,8 +6,8 @@ list and stat the files and load that array. The cache is keyed on the relative 
 size and mtime of every file, so an added, removed or edited image is noticed and the
 split is decoded again.
 
-torch is imported only where tensors are built: decoding needs nothing but numpy and PIL,
-and a spawned worker (on systems without fork) imports this module.
+torch is never imported here: decoding needs nothing but numpy and PIL, and a spawned
+worker (on systems without fork) imports this module.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cifar_bp.cifar10 import NUM_CLASSES, SIDE
 from cifar_bp.errors import CliError
 
 if TYPE_CHECKING:
     from cifar_bp.config import DataConfig
-    from cifar_bp.data import Dataset, Split
 
-SIDE = 32
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 EXPECTED = "train/<class>/*.png|*.jpg"
 CACHE_VERSION = "1"  # bump when decoding changes, so that existing caches are rebuilt
@@ -58,11 +57,21 @@ class Listing:
     key: str
 
 
-def load_folder(cfg: DataConfig) -> Dataset:
-    """Both splits of `cfg.root`, decoded once and cached; no test/ means Dataset.test is None."""
-    from cifar_bp.data import Dataset
-    from cifar_bp.model import NUM_CLASSES
+Arrays = tuple[np.ndarray, np.ndarray]  # uint8 N×3×32×32 images, int64 N labels
 
+
+@dataclass
+class FolderData:
+    """What a folder holds, as plain arrays: `data.py` turns them into tensors."""
+
+    train: Arrays
+    test: Arrays | None
+    classes: tuple[str, ...]
+    notes: list[str]
+
+
+def load_folder(cfg: DataConfig) -> FolderData:
+    """Both splits of `cfg.root`, decoded once and cached; no test/ means `test` is None."""
     root = Path(cfg.root)
     check_root(root)
     train = list_split(root / "train")
@@ -73,7 +82,7 @@ def load_folder(cfg: DataConfig) -> Dataset:
         )
     notes: list[str] = []
     cache_dir = Path(cfg.cache_dir)
-    data = Dataset(load_split(train, cache_dir, notes), None, classes=train.classes, notes=notes)
+    data = FolderData(load_split(train, cache_dir, notes), None, train.classes, notes)
     test_dir = root / "test"
     if test_dir.exists():
         data.test = load_split(list_split(test_dir, train.classes), cache_dir, notes)
@@ -155,18 +164,14 @@ def _class_folders(folder: Path) -> list[str]:
         raise CliError(f"cannot read {folder}: {err.strerror or err}") from None
 
 
-def load_split(listing: Listing, cache_dir: Path, notes: list[str]) -> Split:
+def load_split(listing: Listing, cache_dir: Path, notes: list[str]) -> Arrays:
     """The split from the cache when its key matches, else decoded and cached again."""
-    import torch
-
-    from cifar_bp.data import Split
-
     path = cache_path(cache_dir, listing.folder)
     images = read_cache(path, listing.key, notes)
     if images is None:
         images = decode_images(listing.folder, listing.files)
         write_cache(path, listing, images, notes)
-    return Split(torch.from_numpy(images), torch.from_numpy(listing.labels))
+    return images, listing.labels
 
 
 def cache_path(cache_dir: Path, folder: Path) -> Path:

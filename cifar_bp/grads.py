@@ -3,7 +3,8 @@
 Stopped on `result_loss.backward()`, `model.model1.conv1.weight.grad` is None; one step
 later it holds this batch's gradient. This module runs exactly that on one batch, with
 the project's own config, model, loss and data code, and reports what backward wrote:
-plain data (`as_dict` is the `--json` output), which the `*_table` functions render.
+plain data (`as_dict` is the `--json` output), which `grads_view` renders and
+`gradcheck` verifies against finite differences.
 """
 
 from __future__ import annotations
@@ -15,25 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.table import Table
 from torch import nn
 
 from cifar_bp.checkpoint import load_checkpoint, load_model_state
 from cifar_bp.config import Config, LossConfig, ModelConfig, resolve_config
 from cifar_bp.data import Dataset, DeviceLoader, load_dataset, synthetic_split
-from cifar_bp.engine import resolve_device
 from cifar_bp.errors import CliError, UsageError
+from cifar_bp.gradcheck import GradCheck, check_gradients
 from cifar_bp.losses import LOSS_NAMES, build_loss, elements_averaged
 from cifar_bp.model import build_model
-from cifar_bp.report import console, table
 from cifar_bp.resume import checkpoint_config
+from cifar_bp.setup import resolve_device
 
 CHECKSUM_PARAM = "model1.conv1.weight"
 FALLBACK_IMAGES = 256  # synthetic images generated when the configured data is absent
-NONE_BACKWARD = (
-    "backward: a tensor of losses needs the vector to multiply by; loss.backward(gradient="
-    "torch.ones_like(loss)) weights every element by 1, which equals backward of their sum"
-)
+LOGIT_IMAGES = 3  # images whose ∂L/∂logits is kept: enough to see the pattern, fits 80 columns
+# What the tutorial's `nn.CrossEntropyLoss()` does: the header names every departure from it.
+# Taken from torch itself, not from our config schema, whose defaults are not the tutorial's.
+PLAIN_CE = nn.CrossEntropyLoss()
 
 
 @dataclass
@@ -70,6 +70,8 @@ class Pass:
     before: list[ParamBefore]
     after: list[GradStats]
     total_norm: float
+    settings: list[str]  # the loss's settings that differ from the plain torch.nn loss
+    logit_grads: list[list[float]]  # ∂L/∂logits of the first LOGIT_IMAGES images
     grads: dict[str, torch.Tensor] = field(repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,15 +100,19 @@ class Inspection:
     param: str | None = None
     preview: str = ""  # which slice of the --param gradient `values` holds
     values: dict[str, list[list[float]]] = field(default_factory=dict)  # per loss
+    checks: list[GradCheck] | None = None  # --check: one per pass
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model_source, "data": self.data_source, "notes": self.notes,
             "batch_size": len(self.labels), "labels": self.labels,
             "passes": [p.as_dict() for p in self.passes],
             "factors": [asdict(f) for f in self.factors],
             "param": self.param, "param_preview": self.preview, "values": self.values,
         }  # fmt: skip
+        if self.checks is not None:
+            out["check"] = [c.as_dict() for c in self.checks]
+        return out
 
 
 def loss_names(choice: str) -> list[str]:
@@ -138,6 +144,7 @@ def inspect_grads(
     payload: dict[str, Any] | None = None,
     checkpoint: Path | None = None,
     param: str | None = None,
+    check: bool = False,
 ) -> Inspection:
     device = resolve_device(cfg.train.device)
     model, model_source = make_model(cfg, device, payload, checkpoint)
@@ -153,6 +160,11 @@ def inspect_grads(
     out = Inspection(model_source, data_source, notes, labels.tolist(), passes, factors, param)
     for p in passes if param is not None else []:
         out.preview, out.values[p.loss] = preview(p.grads[param])
+    if check:
+        out.checks = [
+            check_gradients(model, images, labels, cfg.loss.model_copy(update={"name": name}))
+            for name in losses
+        ]
     return out
 
 
@@ -214,7 +226,9 @@ def backprop(
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)  # as if this were the first iteration
     mark = checksum(params[CHECKSUM_PARAM])
-    loss = build_loss(loss_cfg).to(images.device)(model(images), labels)
+    logits = model(images)
+    logits.retain_grad()  # a non-leaf: autograd frees its .grad unless asked to keep it
+    loss = build_loss(loss_cfg).to(images.device)(logits, labels)
     # Here is the tutorial's breakpoint: the forward pass is done, backward is not.
     before = [ParamBefore(n, list(p.shape), p.requires_grad, p.grad) for n, p in params.items()]
     if loss.dim() == 0:
@@ -231,8 +245,30 @@ def backprop(
     grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     after = [grad_stats(n, grads[n], p) for n, p in params.items() if n in grads]
     total = math.sqrt(sum(s.norm**2 for s in after))
+    assert logits.grad is not None
+    logit_grads = logits.grad[:LOGIT_IMAGES].double().tolist()
     return Pass(loss_cfg.name, loss_cfg.reduction, mark, value, list(loss.shape), summary,
-                call, before, after, total, grads)  # fmt: skip
+                call, before, after, total, loss_settings(loss_cfg), logit_grads,
+                grads)  # fmt: skip
+
+
+def loss_settings(cfg: LossConfig) -> list[str]:
+    """Every setting that makes this loss differ from the plain torch.nn loss.
+
+    Printed in the header: a schema default such as label_smoothing 0.1 changes every
+    number below, and nothing else on the screen would say so.
+    """
+    if cfg.name != "ce":
+        compared = "softmax(logits)" if cfg.input == "probs" else "the raw logits"
+        return [f"input {cfg.input}: {compared} against one-hot targets"]
+    out = []
+    if cfg.label_smoothing != PLAIN_CE.label_smoothing:
+        out.append(f"label_smoothing {cfg.label_smoothing:g} (plain CrossEntropyLoss: 0)")
+    if cfg.weight is not None:
+        out.append("class weights [" + ", ".join(f"{w:g}" for w in cfg.weight) + "]")
+    if cfg.ignore_index != PLAIN_CE.ignore_index:
+        out.append(f"ignore_index {cfg.ignore_index}")
+    return out
 
 
 def grad_stats(name: str, grad: torch.Tensor, weight: torch.Tensor) -> GradStats:
@@ -305,96 +341,3 @@ def write_tensorboard(inspection: Inspection, logdir: Path) -> Path:
             tracker.writer.add_histogram(f"grad/{name}", grad.float().cpu(), 0)
         tracker.close()
     return parent
-
-
-# --- Tables -----------------------------------------------------------------------------------
-
-
-def _g(value: float) -> str:
-    return f"{value:.4g}"  # four significant digits, whatever the magnitude
-
-
-def _shape(shape: list[int]) -> str:
-    return "×".join(map(str, shape)) or "scalar"
-
-
-def before_table(rows: list[ParamBefore]) -> Table:
-    return table(
-        "Before backward: forward done, no .grad yet",
-        ["parameter", "shape", "requires_grad", ".grad"],
-        [(r.name, _shape(r.shape), r.requires_grad, r.grad) for r in rows],
-    )
-
-
-def after_table(p: Pass) -> Table:
-    columns = ["parameter", "grad shape", "‖g‖", "mean", "std", "max |g|", "zeros", "‖g‖/‖w‖"]
-    rows: list[tuple[Any, ...]] = [
-        (s.name, _shape(s.shape), *map(_g, (s.norm, s.mean, s.std, s.max_abs)),
-         f"{s.zero_fraction:.1%}", _g(s.grad_to_weight))
-        for s in p.after
-    ]  # fmt: skip
-    rows.append(("total", "", _g(p.total_norm), "", "", "", "", ""))
-    return table(f"After {p.backward_call}: {p.loss}, reduction {p.reduction}", columns, rows)
-
-
-def side_by_side_table(passes: list[Pass]) -> Table:
-    """Per-parameter gradient norms of each loss, on the same batch and initial weights."""
-    columns = ["parameter", "shape", *(f"‖g‖ {p.loss}" for p in passes)]
-    rows: list[tuple[Any, ...]] = [
-        (s.name, _shape(s.shape), *(_g(p.after[i].norm) for p in passes))
-        for i, s in enumerate(passes[0].after)
-    ]
-    rows.append(("total", "", *(_g(p.total_norm) for p in passes)))
-    rows.append((f"{CHECKSUM_PARAM} checksum", "", *(p.checksum for p in passes)))
-    return table(f"Gradient norms per loss (reduction {passes[0].reduction})", columns, rows)
-
-
-def factor_table(factors: list[FactorCheck]) -> Table:
-    rows = [
-        (f.loss, f"{f.divisor} = {f.expected:g}", f"{f.measured:.6g}", f"{f.max_rel_error:.1e}")
-        for f in factors
-    ]
-    return table(
-        "sum vs mean: the gradients differ by what mean divides by",
-        ["loss", "mean divides by", "‖g_sum‖/‖g_mean‖", "max rel. error"],
-        rows,
-    )
-
-
-def preview_table(name: str, label: str, values: list[list[float]], loss: str) -> Table:
-    out = Table(title=f"{name}.grad{label} ({loss})", title_justify="left", show_header=False)
-    for row in values:
-        out.add_row(*(f"{v:+.3e}" for v in row))
-    return out
-
-
-def loss_line(p: Pass) -> str:
-    if p.loss_value is not None:
-        return f"{p.loss} loss, reduction {p.reduction}: {p.loss_value:.6g}"
-    s = p.loss_summary or {}
-    return (
-        f"{p.loss} loss, reduction none: a {_shape(p.loss_shape)} tensor, one loss per "
-        f"element (min {s['min']:.4g}, mean {s['mean']:.4g}, max {s['max']:.4g}, "
-        f"sum {s['sum']:.4g})"
-    )
-
-
-def print_inspection(insp: Inspection) -> None:
-    for note in insp.notes:
-        console.print(f"note: {note}", soft_wrap=True)
-    console.print(f"model: {insp.model_source}", soft_wrap=True)
-    shown = ", ".join(map(str, insp.labels[:16])) + (", …" if len(insp.labels) > 16 else "")
-    console.print(f"data:  {insp.data_source}; batch of {len(insp.labels)}, labels [{shown}]")
-    console.print(before_table(insp.passes[0].before))
-    for p in insp.passes:
-        console.print(loss_line(p), soft_wrap=True)
-    if insp.passes[0].loss_value is None:
-        console.print(NONE_BACKWARD, soft_wrap=True)
-    if len(insp.passes) == 1:
-        console.print(after_table(insp.passes[0]))
-    else:
-        console.print(side_by_side_table(insp.passes))
-    console.print(factor_table(insp.factors))
-    if insp.param is not None:
-        for loss, values in insp.values.items():
-            console.print(preview_table(insp.param, insp.preview, values, loss))

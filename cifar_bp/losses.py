@@ -1,25 +1,20 @@
-"""The loss factory: CrossEntropy, MSE and L1, as the tutorial uses them.
+"""The loss factory: CrossEntropy, MSE and L1 as a config describes them.
 
-`make_criterion` gives the plain `torch.nn` loss (used for the tutorial's worked
-examples). `build_loss` adapts it to classification: MSE and L1 compare one-hot
-targets with softmax probabilities (or raw logits when `loss.input: logits`).
+`make_criterion` gives the `torch.nn` loss with the config's settings (smoothing, class
+weights, ignore_index, reduction). `build_loss` adapts it to classification: MSE and L1
+compare one-hot targets with softmax probabilities (or raw logits when `loss.input: logits`).
+The tutorial's plain worked examples (`cifar-bp losses`) live in `cifar_bp.lessons`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cifar_bp.config import LossConfig
-from cifar_bp.errors import UsageError
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSS_NAMES = ("ce", "mse", "l1")
@@ -73,134 +68,3 @@ def elements_averaged(cfg: LossConfig, labels: torch.Tensor, num_classes: int = 
     if cfg.weight is None:
         return float(kept.numel())
     return float(torch.tensor(cfg.weight, dtype=torch.float64)[kept].sum())
-
-
-# --- The tutorial's worked examples (`cifar-bp losses`) -------------------------------------
-
-TUTORIAL_INPUT = (1.0, 2.0, 3.0)
-TUTORIAL_TARGET = (1.0, 2.0, 5.0)
-TUTORIAL_LOGITS = (0.1, 0.2, 0.3)
-TUTORIAL_LABEL = 1
-REDUCTIONS = ("none", "mean", "sum")
-
-
-def parse_numbers(text: str, flag: str) -> list[float]:
-    """`1,2,3` → [1.0, 2.0, 3.0]; anything else is a one-line UsageError naming the flag."""
-    try:
-        numbers = [float(part) for part in text.split(",")]
-    except ValueError:
-        numbers = []
-    if not numbers or not all(math.isfinite(n) for n in numbers):
-        raise UsageError(
-            f"{flag} {text!r}: expected finite numbers separated by commas, e.g. 1,2,3"
-        )
-    return numbers
-
-
-def parse_label(text: str, num_logits: int) -> int:
-    if not text.strip().isdigit() or int(text) >= num_logits:
-        raise UsageError(
-            f"--label {text!r}: expected a class index from 0 to {num_logits - 1} (one per logit)"
-        )
-    return int(text)
-
-
-def _reduced(cfg: LossConfig, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-    """The same loss under every reduction, computed by the project's own factory."""
-    out: dict[str, Any] = {}
-    for reduction in REDUCTIONS:
-        value = make_criterion(cfg.model_copy(update={"reduction": reduction}))(prediction, target)
-        out[reduction] = value.tolist()
-    return out
-
-
-def regression_example(name: str, inputs: list[float], targets: list[float]) -> dict[str, Any]:
-    """L1 or MSE on plain numbers, as in the tutorial: per element, then reduced."""
-    if len(inputs) != len(targets):
-        raise UsageError(
-            f"--input has {len(inputs)} numbers but --target has {len(targets)}: "
-            "they are compared element by element, so give the same count"
-        )
-    # float64, so the printed digits are the maths and not float32 rounding.
-    x = torch.tensor(inputs, dtype=torch.float64)
-    y = torch.tensor(targets, dtype=torch.float64)
-    return {"loss": name, "input": inputs, "target": targets,
-            **_reduced(LossConfig(name=name), x, y)}  # fmt: skip
-
-
-def ce_example(logits: list[float], label: int) -> dict[str, Any]:
-    """Cross-entropy step by step: exp, normalise (softmax), then −log of the true class."""
-    z = torch.tensor([logits], dtype=torch.float64)
-    exp = z[0].exp()
-    probs = z.softmax(dim=1)[0]
-    return {
-        "loss": "ce", "logits": logits, "label": label,
-        "exp": exp.tolist(), "exp_sum": exp.sum().item(), "softmax": probs.tolist(),
-        "p_label": probs[label].item(), "minus_log_p": -probs[label].log().item(),
-        **_reduced(LossConfig(name="ce"), z, torch.tensor([label])),
-    }  # fmt: skip
-
-
-def worked_examples(
-    inputs: list[float] | None = None,
-    targets: list[float] | None = None,
-    logits: list[float] | None = None,
-    label: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """L1, MSE and CE on the tutorial's numbers, or on the caller's where given."""
-    x = inputs if inputs is not None else list(TUTORIAL_INPUT)
-    y = targets if targets is not None else list(TUTORIAL_TARGET)
-    z = logits if logits is not None else list(TUTORIAL_LOGITS)
-    c = label if label is not None else TUTORIAL_LABEL
-    return {
-        "l1": regression_example("l1", x, y),
-        "mse": regression_example("mse", x, y),
-        "ce": ce_example(z, c),
-    }
-
-
-def _nums(values: list[float], digits: int = 4) -> str:
-    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
-
-
-def _given(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
-
-
-def print_examples(examples: dict[str, dict[str, Any]]) -> None:
-    """The worked examples as the tutorial writes them out, with every reduction."""
-    from cifar_bp.report import console, table
-
-    console.print("Computed live by cifar_bp.losses.make_criterion (torch.nn losses):\n")
-    for name, title, per_element in (("l1", "L1Loss", "|input − target|"),
-                                     ("mse", "MSELoss", "(input − target)²")):  # fmt: skip
-        ex = examples[name]
-        n = len(ex["none"])
-        console.print(
-            f"[bold]{title}[/]  input {_given(ex['input'])}  target {_given(ex['target'])}"
-        )
-        rows = [
-            ("none", _nums(ex["none"]), f"{per_element}, one per element"),
-            ("mean", f"{ex['mean']:.4f}", f"{ex['sum']:.4f} / {n} elements (the default)"),
-            ("sum", f"{ex['sum']:.4f}", "added up, not divided"),
-        ]
-        console.print(_left(table("", ["reduction", "loss", "how"], rows)))
-    ex = examples["ce"]
-    c = ex["label"]
-    console.print(f"[bold]CrossEntropyLoss[/]  logits {_given(ex['logits'])}  target class {c}")
-    console.print(f"  1. exp(logits)          = {_nums(ex['exp'])}   sum {ex['exp_sum']:.4f}")
-    console.print(f"  2. softmax = exp / sum  = {_nums(ex['softmax'])}")
-    console.print(
-        f"  3. loss = −log(softmax[{c}]) = −log({ex['p_label']:.4f}) = {ex['minus_log_p']:.4f}"
-    )
-    rows = [
-        ("none", _nums(ex["none"]), "one loss per sample (here one sample)"),
-        ("mean", f"{ex['mean']:.4f}", "averaged over the samples"),
-        ("sum", f"{ex['sum']:.4f}", "added over the samples"),
-    ]
-    console.print(_left(table("", ["reduction", "loss", "how"], rows)))
-
-
-def _left(out: Table) -> Table:
-    out.columns[-1].justify = "left"  # the explanations read better ragged-right
-    return out

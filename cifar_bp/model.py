@@ -7,9 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import ModelConfig
-
-NUM_CLASSES = 10
 
 
 class ReferenceNet(nn.Module):

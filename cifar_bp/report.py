@@ -1,6 +1,7 @@
 """What the terminal shows: a rich progress bar on a TTY, plain lines otherwise, or nothing.
 
-Errors always go to stderr as one line (see `cli.fail`); everything here goes to stdout.
+Errors always go to stderr as one line (see `cli.app.ErrorMappingGroup`); everything here
+goes to stdout.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def print_run_summary(result: Any, quiet: bool = False) -> None:
 
 
 def print_evaluation(outcome: Any, as_json: bool) -> None:
+    """Per split: loss and accuracy, a per-class table and the confusion table. Works for
+    any number of classes up to the network's outputs (a folder may have 3)."""
     if as_json:
         import json
 
@@ -170,5 +173,36 @@ def print_evaluation(outcome: Any, as_json: bool) -> None:
     for split, result in outcome.results.items():
         console.print(f"{split}: loss {result.loss:.4f}  accuracy {result.accuracy:.4f} "
                       f"({result.count} images)")  # fmt: skip
-        rows = zip(outcome.classes, result.per_class, strict=True)
-        console.print(table(f"{split} accuracy per class", ["class", "accuracy"], rows))
+        console.print(_class_table(split, result.confusion, outcome.classes))
+        console.print(f"{split} confusion matrix (rows: true class, columns: predicted)")
+        console.print(_confusion_table(split, result.confusion, outcome.classes))
+
+
+def _class_table(split: str, matrix: list[list[int]], classes: list[str]) -> Table:
+    from cifar_bp.figures import label_of, shown_indices
+
+    rows = []
+    for i in shown_indices(matrix, classes)[0]:
+        images = sum(matrix[i])
+        accuracy = f"{matrix[i][i] / images:.4f}" if images else "-"
+        rows.append((label_of(i, classes), images, matrix[i][i], accuracy))
+    return table(f"{split} accuracy per class", ["class", "images", "correct", "accuracy"], rows)
+
+
+def _confusion_table(split: str, matrix: list[list[int]], classes: list[str]) -> Table:
+    """Counts, true class down, prediction across; the diagonal (correct) in bold. No
+    vertical rules and five-letter headers: ten classes fit an 80-column terminal."""
+    from rich import box
+
+    from cifar_bp.figures import label_of, shown_indices
+
+    rows, cols = shown_indices(matrix, classes)
+    out = Table(box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+    out.add_column("true", no_wrap=True)
+    for j in cols:  # #j: a network output that is none of this data's classes
+        out.add_column(classes[j][:5] if j < len(classes) else f"#{j}", justify="right")
+    for i in rows:
+        cells = [f"[bold]{matrix[i][j]}[/bold]" if i == j else str(matrix[i][j] or ".")
+                 for j in cols]  # fmt: skip
+        out.add_row(label_of(i, classes), *cells)
+    return out

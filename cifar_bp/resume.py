@@ -1,15 +1,18 @@
-"""Where a run stands, and how to pick it up again exactly."""
+"""Picking a run up again: which checkpoint, and what may differ from when it was saved.
+
+The checkpoint's format is `checkpoint.py`'s; this module decides whether a resume is safe:
+the config (only SAFE_KEYS may change), the data (same classes, same images) and the folder
+(`rundir.check_owner`). Anything unsafe is refused unless `--force`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from cifar_bp.config import Config
-from cifar_bp.errors import CliError, UsageError
+from cifar_bp.config import Config, resolve_config
+from cifar_bp.errors import UsageError
 
 # Keys that may change on resume without silently changing what is being trained.
 SAFE_KEYS = (
@@ -19,6 +22,7 @@ SAFE_KEYS = (
     "train.checkpoint_every_n_steps",
     "train.max_nonfinite_steps",
     "train.device",
+    "train.compile",
     "data.download",
     "data.cache_dir",
     "log.",
@@ -26,34 +30,14 @@ SAFE_KEYS = (
 
 
 @dataclass
-class Position:
-    """Completed work: `epoch` epochs, then `step_in_epoch` steps of the next one."""
+class Start:
+    """What `train` starts from: a config, and for a resume the checkpoint and its folder."""
 
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-    def advance(self) -> None:
-        self.step_in_epoch += 1
-        self.global_step += 1
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.step_in_epoch = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    cfg: Config
+    payload: dict[str, Any] | None = None
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def find_checkpoint(spec: str, logdir: Path, run_name: str | None) -> Path:
@@ -99,31 +83,50 @@ def check_resume_config(old: dict[str, Any], new: Config, force: bool) -> list[s
     return changes
 
 
-def checkpoint_config(payload: dict[str, Any], path: Path) -> dict[str, Any]:
-    cfg = payload.get("config")
-    if not isinstance(cfg, dict):
-        raise CliError(f"{path}: the checkpoint holds no config")
-    return cfg
+def check_resume_data(
+    payload: dict[str, Any], classes: tuple[str, ...], identity: str, force: bool
+) -> list[str]:
+    """The same classes in the same order, and the same images, as when the run was saved:
+    a renamed class folder would silently swap labels."""
+    saved = tuple(payload.get("classes") or ())
+    problems = []
+    if saved and saved != classes:
+        gone = [c for c in saved if c not in classes]
+        new = [c for c in classes if c not in saved]
+        what = f"removed {', '.join(gone) or '-'}; added {', '.join(new) or '-'}"
+        if not gone and not new:
+            what = "the same names in another order"
+        problems.append(f"the classes changed ({what})")
+    elif payload.get("data_identity") not in (None, identity):
+        problems.append("the images changed (added, removed or edited files)")
+    if problems and not force:
+        raise UsageError(
+            f"the data changed since the checkpoint was saved: {'; '.join(problems)}. Restore "
+            "the data, start a new run, or pass --force to resume on the new data anyway"
+        )
+    return [f"--force: resuming although {p}" for p in problems]
 
 
 def prepare_resume(
     spec: str | None, config_path: Path | None, flags: dict[str, Any], sets: list[str], force: bool
-) -> tuple[Config, dict[str, Any] | None, Path | None, list[str]]:
+) -> Start:
     """Resolve the config for `train`; with `--resume`, start from the checkpoint's config.
 
-    Returns (config, checkpoint payload or None, run directory or None, notes for the user).
+    A run folder left without a checkpoint (stopped before its first save) starts again
+    from scratch in the same folder, with the config it was created with.
     """
-    from cifar_bp.checkpoint import load_checkpoint
-    from cifar_bp.config import resolve_config
+    from cifar_bp.checkpoint import config_of, load_checkpoint
 
     cfg = resolve_config(config_path, flags, sets)
     if spec is None:
-        return cfg, None, None, []
+        return Start(cfg)
+    folder = Path(spec)
+    if spec != "auto" and folder.is_dir() and not (folder / "last.pt").exists():
+        return restart(folder, config_path, flags, sets)
     path = find_checkpoint(spec, Path(cfg.log.logdir), cfg.log.run_name)
     payload = load_checkpoint(path)
-    old = checkpoint_config(payload, path)
-    base = None if config_path else old
-    cfg = resolve_config(config_path, flags, sets, base=base)
+    old = config_of(payload, path)
+    cfg = resolve_config(config_path, flags, sets, base=None if config_path else old)
     changes = check_resume_config(old, cfg, force)
     where = f"epoch {payload['epoch'] + 1}, step {payload['global_step']}"
     notes = [f"resuming {path} at {where}"]
@@ -132,4 +135,25 @@ def prepare_resume(
             f"that run already completed {cfg.train.epochs} epoch(s): pass --epochs N to go on"
         )
     notes += [f"changed on resume: {key}" for key in changes]
-    return cfg, payload, path.parent, notes
+    return Start(cfg, payload, path.parent, path, notes)
+
+
+def restart(
+    folder: Path, config_path: Path | None, flags: dict[str, Any], sets: list[str]
+) -> Start:
+    """`--resume DIR` on a run folder that never saved a checkpoint."""
+    from cifar_bp.config import read_yaml
+
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        raise UsageError(f"--resume {folder}: no checkpoint (last.pt) and no config.yaml there")
+    base = None if config_path else read_yaml(saved)
+    cfg = resolve_config(config_path, flags, sets, base=base, base_origin=str(saved))
+    note = f"{folder} has no checkpoint yet (stopped before the first save): starting from scratch"
+    return Start(cfg, None, folder, None, [note])
+
+
+def checkpoint_config(payload: dict[str, Any], path: Path) -> dict[str, Any]:  # TEMP alias
+    from cifar_bp.checkpoint import config_of
+
+    return config_of(payload, path)

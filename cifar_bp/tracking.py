@@ -1,73 +1,66 @@
-"""TensorBoard tracking: one directory per run, scalars, the config as text and hparams."""
+"""What a run writes for TensorBoard, and the same scalars as `metrics.csv`.
+
+Scalars, the config as text, the model graph, a grid of the first batch, weight and gradient
+histograms, a gradient-flow figure per epoch, a confusion matrix per evaluation, a layout
+for the Custom Scalars page and the HParams of a finished run. A Tracker made with no run
+directory (the other ranks under torchrun) does nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
-import time
+import re
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cifar_bp.config import Config
-from cifar_bp.errors import CliError, UsageError
 
+# Still imported from here by older callers; the run folder now lives in rundir.
+from cifar_bp.rundir import plan_run_dir  # noqa: F401
 
-def default_run_name(cfg: Config) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.loss.name}-{cfg.loss.reduction}"
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
 
-
-def plan_run_dir(cfg: Config) -> Path:
-    """Where a new run will write. Nothing is created yet: a run that fails its checks
-    before training starts leaves nothing behind."""
-    logdir = Path(cfg.log.logdir)
-    if logdir.exists() and not logdir.is_dir():
-        raise UsageError(f"log.logdir {logdir} is a file, not a directory")
-    probe = logdir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(
-            f"log.logdir {logdir} cannot be created: {probe} is a file, not a directory"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"log.logdir {logdir} cannot be written ({probe} is not writable)")
-    if cfg.log.run_name:
-        run_dir = logdir / cfg.log.run_name
-        if run_dir.exists():
-            raise UsageError(
-                f"run {run_dir} already exists: choose another --run-name, or continue it "
-                f"with --resume {run_dir}"
-            )
-        return run_dir
-    run_dir, n = logdir / default_run_name(cfg), 1
-    while run_dir.exists():  # two runs started within the same second
-        n += 1
-        run_dir = logdir / f"{default_run_name(cfg)}-{n}"
-    return run_dir
-
-
-def create_run_dir(run_dir: Path, cfg: Config) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    except OSError as err:
-        raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
+# The keys that tell runs apart; the rest of the config is in the run's config text.
+HPARAM_KEYS = (
+    "loss.name", "loss.reduction", "optim.name", "optim.lr", "train.batch_size",
+    "train.epochs", "train.seed", "model.activation", "train.amp",
+)  # fmt: skip
+# HParams columns: the last value of each of these scalars. Every run declares the same
+# list, since TensorBoard takes the column list from whichever run it reads first.
+METRIC_TAGS = (
+    "test/accuracy", "val/accuracy", "train/accuracy",
+    "test/loss", "val/loss", "train/loss_per_image", "train/loss",
+)  # fmt: skip
+GRID_IMAGES = 32  # of the first batch, 8 to a row
 
 
 class Tracker:
-    """A thin layer over `SummaryWriter`; a disabled one (other DDP ranks) does nothing."""
+    """A thin layer over `SummaryWriter` plus `metrics.csv`."""
 
     def __init__(self, run_dir: Path | None, purge_step: int | None = None) -> None:
         self.writer = None
+        self.csv: MetricsCsv | None = None
         if run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step, flush_secs=30)
+            self.csv = MetricsCsv(Path(run_dir) / "metrics.csv", purge_step)
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+    def scalars(self, values: dict[str, float], step: int, epoch: int | None = None) -> None:
+        """One point per tag, and one row of metrics.csv."""
+        if self.writer is None or self.csv is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.csv.append(step, epoch, values)
 
     def config_text(self, cfg: Config) -> None:
         if self.writer is not None:
@@ -75,18 +68,73 @@ class Tracker:
             block = "\n".join("    " + line for line in cfg.to_yaml().splitlines())
             self.writer.add_text("config", block, 0)
 
+    def run_start(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        cfg: Config,
+    ) -> None:
+        """Once per new run: the graph, the first batch as the net sees it, the layout."""
+        if self.writer is None:
+            return
+        import torch
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on a graph it handles fine
+            self.writer.add_graph(model, images[:1])
+        self.image("inputs/first_batch", input_grid(images, labels, classes, cfg), 0)
+        self.writer.add_custom_scalars(layout([n for n, p in model.named_parameters()]))
+
+    def histograms(self, named_params: Sequence[tuple[str, nn.Parameter]], step: int) -> None:
+        """Weights and (already unscaled) gradients of every parameter."""
+        if self.writer is None:
+            return
+        for name, param in named_params:
+            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", param.grad.float().cpu(), step)
+
+    def gradient_flow(
+        self, names: Sequence[str], mean_abs: Sequence[float], max_abs: Sequence[float], step: int
+    ) -> None:
+        if self.writer is None:
+            return
+        from cifar_bp import figures
+
+        title = f"gradient flow at step {step}"
+        self.image("gradients/flow", figures.gradient_flow(names, mean_abs, max_abs, title), step)
+
+    def confusion(
+        self, split: str, matrix: Sequence[Sequence[int]], classes: Sequence[str], step: int
+    ) -> None:
+        if self.writer is None:
+            return
+        from cifar_bp import figures
+
+        title = f"{split} at step {step}"
+        self.image(f"confusion/{split}", figures.confusion_matrix(matrix, classes, title), step)
+
+    def image(self, tag: str, figure: Any, step: int) -> None:
+        """A matplotlib figure as an image (add_figure would need pyplot)."""
+        from cifar_bp import figures
+
+        assert self.writer is not None
+        self.writer.add_image(tag, figures.render(figure), step, dataformats="HWC")
+
     def hparams(self, cfg: Config, metrics: dict[str, float]) -> None:
-        """Write hparams into this run's own event file (add_hparams would start a new one)."""
+        """The run's defining keys, in this run's own event file (add_hparams would start a
+        new one). The metric columns are the last values of scalars the run logged at its
+        end (`metrics` are those), so no one-point `hparam/*` cards crowd the scalars."""
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        flat = flatten_config(cfg)
-        exp, ssi, sei = hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()})
+        exp, ssi, sei = hparams(hparam_values(cfg), dict.fromkeys(METRIC_TAGS, 0.0))
         file_writer = self.writer._get_file_writer()
         for summary in (exp, ssi, sei):
             file_writer.add_summary(summary)
-        self.scalars({f"hparam/{k}": v for k, v in metrics.items()}, 0)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -98,18 +146,137 @@ class Tracker:
                 self.writer.close()
 
 
-def flatten_config(cfg: Config) -> dict[str, Any]:
-    """hparams accept only scalars and strings: lists and None become text."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        elif isinstance(node, bool | int | float | str):
-            flat[prefix] = node
+def hparam_values(cfg: Config) -> dict[str, float | str]:
+    """Numbers stay numbers (a slider, a sortable column); everything else is text, so a
+    boolean reads `true` rather than 1.0000."""
+    tree = cfg.model_dump(mode="json")
+    out: dict[str, float | str] = {}
+    for key in HPARAM_KEYS:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, bool) or node is None:
+            out[key] = str(node).lower()
+        elif isinstance(node, int | float):
+            out[key] = float(node)
         else:
-            flat[prefix] = str(node)
+            out[key] = str(node)
+    return out
 
-    walk("", cfg.model_dump(mode="json"))
-    return flat
+
+def layout(param_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """The Custom Scalars page: what matters first, then one chart per layer's norms.
+
+    Identical for every run of the same net, so TensorBoard merges the layouts of a
+    compare parent's runs into one. Loss per image puts mean and sum runs on one scale.
+    """
+    learning = {
+        "loss per image (mean and sum runs compare)": [
+            "Multiline", [r"^train/loss_per_image$", r"^(val|test)/loss$"]
+        ],
+        "accuracy": ["Multiline", [r"^(train|val|test)/accuracy(_live)?$"]],
+        "learning rate": ["Multiline", [r"^train/lr$"]],
+        "loss as optimized (sum runs are batch-size times larger)": [
+            "Multiline", [r"^train/loss$"]
+        ],
+    }  # fmt: skip
+    norms = {"all parameters (L2 norm of every gradient)": ["Multiline", [r"^grad_norm/total$"]]}
+    for layer in dict.fromkeys(name.rpartition(".")[0] for name in param_names):
+        title = layer.removeprefix("model1.") or "top"
+        norms[title] = ["Multiline", [rf"^grad_norm/{re.escape(layer)}\.[^.]+$"]]
+    speed = {
+        "images per second": ["Multiline", [r"^train/images_per_s$"]],
+        "seconds per epoch": ["Multiline", [r"^train/epoch_seconds$"]],
+        "AMP loss scale": ["Multiline", [r"^amp/scale$"]],
+        "AMP skipped steps": ["Multiline", [r"^amp/skipped_steps$"]],
+    }
+    return {
+        "1. loss, accuracy, learning rate": learning,
+        "2. gradient norms per layer": norms,
+        "3. speed and mixed precision": speed,
+    }
+
+
+def input_grid(
+    images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], cfg: Config
+) -> Any:
+    """The first images of a batch as fed to the net (augmented), un-normalized."""
+    from cifar_bp import figures
+
+    pixels = pixels_of(images[:GRID_IMAGES], cfg)
+    title = "first training batch as the network sees it (after augmentation)"
+    return figures.image_grid(pixels, labels[:GRID_IMAGES].tolist(), classes, title)
+
+
+def pixels_of(images: torch.Tensor, cfg: Config) -> np.ndarray:
+    """N×3×H×W normalized floats back to N×H×W×3 in [0, 1]."""
+    import torch
+
+    x = images.detach().float().cpu()
+    if cfg.data.normalize:
+        mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+        x = x * std + mean
+    return x.clamp(0, 1).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class MetricsCsv:
+    """`metrics.csv`: step, epoch, then one column per scalar in order of first appearance.
+
+    A row per call (a log point, an evaluation). A new column rewrites the file with the
+    wider header; otherwise a row is appended in one write. On resume, rows the
+    checkpoint does not cover (step >= purge_step) are dropped, as TensorBoard drops its
+    events, so a resumed run has no duplicate rows.
+    """
+
+    def __init__(self, path: Path, purge_step: int | None) -> None:
+        self.path = path
+        self.columns = ["step", "epoch"]
+        self.rows: list[dict[str, str]] = []
+        if path.is_file():
+            self.columns, self.rows = read_rows(path, purge_step)
+            self.rewrite()
+
+    def append(self, step: int, epoch: int | None, values: dict[str, float]) -> None:
+        row = {"step": str(step), "epoch": "" if epoch is None else str(epoch)}
+        row |= {tag: repr(float(value)) for tag, value in values.items()}
+        self.rows.append(row)
+        new = [tag for tag in values if tag not in self.columns]
+        if new or not self.path.is_file():
+            self.columns += new
+            self.rewrite()
+            return
+        with self.path.open("a", newline="") as out:
+            out.write(self.format([row], header=False))
+
+    def format(self, rows: list[dict[str, str]], header: bool) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def rewrite(self) -> None:
+        """Write to a temporary file and rename it over: a crash leaves the old or the new."""
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text(self.format(self.rows, header=True))
+        os.replace(temporary, self.path)
+
+
+def read_rows(path: Path, purge_step: int | None) -> tuple[list[str], list[dict[str, str]]]:
+    """The rows to keep; a line cut short by a crash (too few fields) is dropped."""
+    with path.open(newline="") as source:
+        reader = csv.DictReader(source)
+        columns = list(reader.fieldnames or ["step", "epoch"])
+        rows = []
+        for row in reader:
+            if None in row.values() or None in row:
+                continue
+            try:
+                step = int(row["step"])
+            except (KeyError, ValueError):
+                continue
+            if purge_step is None or step < purge_step:
+                rows.append(row)
+    return columns, rows

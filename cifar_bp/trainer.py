@@ -1,7 +1,8 @@
-"""A whole training run: set-up, the epoch loop, evaluation, checkpoints and stopping.
+"""A training run, in the order it happens: `train` builds the run and loops over epochs;
+`train_one_epoch` runs the steps; evaluation, logging and saving are one call away each.
 
-The per-step work is `engine.train_step`; this module decides when to log, evaluate,
-save and stop, and keeps a run resumable at every one of those points.
+The per-step work is `engine.train_step`. Between steps nothing waits for the device except
+at log points (every `log.every_n_steps`), where the meters are read back once.
 """
 
 from __future__ import annotations
@@ -15,28 +16,16 @@ from typing import Any, Protocol
 import torch
 
 from cifar_bp import checkpoint as ckpt
-from cifar_bp.config import Config
-from cifar_bp.data import Dataset, DeviceLoader, load_dataset
-from cifar_bp.distributed import World, init_process_group, unwrap, world_from_env
-from cifar_bp.engine import (
-    Machinery,
-    Meters,
-    WeightAverage,
-    amp_dtype,
-    build_optimizer,
-    build_scheduler,
-    check_trainable,
-    evaluate,
-    make_scaler,
-    resolve_device,
-    train_step,
-)
-from cifar_bp.errors import CliError
-from cifar_bp.losses import build_loss
-from cifar_bp.model import build_model
-from cifar_bp.resume import Position, rng_state, set_rng_state
+from cifar_bp.cifar10 import NUM_CLASSES
+from cifar_bp.config import Config, LossConfig
+from cifar_bp.data import DeviceLoader, Split
+from cifar_bp.engine import evaluate, train_step
+from cifar_bp.errors import Diverged
+from cifar_bp.resume import Start
+from cifar_bp.setup import Run, build_run
 from cifar_bp.signals import StopRequest
-from cifar_bp.tracking import Tracker, create_run_dir, plan_run_dir
+
+SUMMED = ("loss_sum", "steps", "seen", "correct")  # meters added up over DDP ranks
 
 
 class Reporter(Protocol):
@@ -57,244 +46,215 @@ class RunResult:
     stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when interrupted
     global_step: int = 0
     world_size: int = 1
+    final_loss: float | None = None  # train loss of the last logged window
     grad_norm_means: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
-class Run:
-    """Everything a run holds between steps."""
+class Window:
+    """What the loop accumulates between log points (host side)."""
 
-    cfg: Config
-    world: World
-    data: Dataset
-    m: Machinery
-    train_loader: DeviceLoader
-    tracker: Tracker
-    run_dir: Path
-    names: list[str]
-    pos: Position
-    meters: Meters
-    best: float = -math.inf
-    elapsed: float = 0.0
-    norm_sums: torch.Tensor | None = None
+    started: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    final_loss: float | None = None
+    norm_sums: torch.Tensor | None = None  # per-parameter ‖g‖ summed over log points
     norm_count: int = 0
-
-
-def build_machinery(cfg: Config, device: torch.device, world: World, steps: int) -> Machinery:
-    torch.manual_seed(cfg.train.seed)  # same seed → same initial weights on every rank
-    model = build_model(cfg.model, device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    optimizer = build_optimizer(cfg.optim, named)
-    decay = cfg.train.ema_decay
-    average = WeightAverage(model, decay) if decay is not None else None
-    net = world.wrap(model, device)
-    if cfg.train.compile:
-        net = torch.compile(net)
-    return Machinery(
-        model=net,
-        loss_fn=build_loss(cfg.loss).to(device),
-        optimizer=optimizer,
-        scheduler=build_scheduler(cfg.optim, optimizer, steps * cfg.train.epochs),
-        scaler=make_scaler(cfg.train, device),
-        device=device,
-        dtype=amp_dtype(cfg.train, device),
-        grad_clip=cfg.optim.grad_clip,
-        params=params,
-        average=average,
-        eval_flip=cfg.train.eval_flip,
-    )
-
-
-def pick_device(cfg: Config, world: World) -> torch.device:
-    device = resolve_device(cfg.train.device)
-    if world.active and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)  # one GPU per local rank
-    if device.type == "cuda":
-        # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def setup(cfg: Config, resume: dict[str, Any] | None, run_dir: Path | None) -> Run:
-    """Validate and build everything; only then create the run directory."""
-    check_trainable(cfg)
-    world = world_from_env()
-    device = pick_device(cfg, world)
-    amp_dtype(cfg.train, device)  # reject float16-on-CPU before any slow work
-    init_process_group(world, device)
-    # Rank 0 first: a folder source is then decoded and cached once, not once per rank.
-    data = world.main_first(lambda: load_dataset(cfg.data, cfg.train.seed))
-    loader = DeviceLoader(
-        data.train, cfg.data, cfg.train.batch_size, device, train=True, seed=cfg.train.seed,
-        rank=world.rank, world=world.size, channels_last=cfg.model.channels_last,
-    )  # fmt: skip
-    if len(loader) == 0:
-        raise CliError(f"the train split ({len(data.train)} images) is smaller than one batch")
-    m = build_machinery(cfg, device, world, len(loader))
-    pos = Position()
-    meters = Meters(device)
-    if resume is not None:
-        pos = restore(resume, m, meters, len(loader), cfg, world)
-    else:
-        run_dir = plan_run_dir(cfg) if world.is_main else Path(cfg.log.logdir)
-    assert run_dir is not None
-    if world.is_main and resume is None:
-        create_run_dir(run_dir, cfg)
-    tracker = Tracker(run_dir if world.is_main else None, purge_step=pos.global_step + 1)
-    if resume is None:
-        tracker.config_text(cfg)
-    names = [name for name, p in unwrap_model(m).named_parameters() if p.requires_grad]
-    run = Run(cfg, world, data, m, loader, tracker, run_dir, names, pos, meters)
-    if resume is not None:
-        run.best = resume.get("best_metric", -math.inf)
-        run.elapsed = resume.get("elapsed", 0.0)
-    return run
-
-
-def unwrap_model(m: Machinery) -> torch.nn.Module:
-    return unwrap(getattr(m.model, "_orig_mod", m.model))
-
-
-def restore(
-    payload: dict[str, Any], m: Machinery, meters: Meters, steps: int, cfg: Config, world: World
-) -> Position:
-    """Put model, optimizer, scheduler, scaler, meters and RNGs back where they were."""
-    ckpt.load_model_state(unwrap_model(m), payload["model"], Path("checkpoint"))
-    pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
-    saved_world = payload.get("world_size", 1)
-    if saved_world != world.size and pos.step_in_epoch:
-        # Mid-epoch positions count global batches; re-count them for this many processes.
-        images = pos.step_in_epoch * cfg.train.batch_size * saved_world
-        pos.step_in_epoch = images // (cfg.train.batch_size * world.size)
-    # A forced change of optim.* must take effect: the saved state would restore the old lr.
-    same_optim = payload["config"].get("optim") == cfg.optim.model_dump(mode="json")
-    if same_optim:
-        m.optimizer.load_state_dict(payload["optimizer"])
-    if payload.get("scaler"):
-        m.scaler.load_state_dict(payload["scaler"])
-    if m.average is not None:
-        if payload.get("average"):
-            m.average.load_state_dict(payload["average"])
-        else:  # averaging switched on at resume: start the average from the live weights
-            m.average.model.load_state_dict(unwrap_model(m).state_dict())
-    if m.scheduler is not None:
-        if same_optim and payload.get("schedule_steps") == steps * cfg.train.epochs:
-            m.scheduler.load_state_dict(payload["scheduler"])
-        else:  # epochs or schedule changed: recompute the schedule up to this step
-            for _ in range(pos.global_step):
-                m.scheduler.step()
-    for name, value in payload.get("meters", {}).items():
-        if name in meters.values:
-            meters.values[name].copy_(value)
-    set_rng_state(payload["rng"], m.device)
-    return pos
-
-
-def payload(run: Run) -> dict[str, Any]:
-    m = run.m
-    return {
-        "format_version": ckpt.FORMAT_VERSION,
-        "model": unwrap_model(m).state_dict(),
-        "optimizer": m.optimizer.state_dict(),
-        "scheduler": m.scheduler.state_dict() if m.scheduler is not None else None,
-        "schedule_steps": len(run.train_loader) * run.cfg.train.epochs,
-        "scaler": m.scaler.state_dict(),
-        "average": m.average.state_dict() if m.average is not None else None,
-        "epoch": run.pos.epoch,
-        "step_in_epoch": run.pos.step_in_epoch,
-        "global_step": run.pos.global_step,
-        "world_size": run.world.size,
-        "data_order": {"seed": run.cfg.train.seed, **run.pos.as_dict()},
-        "rng": rng_state(m.device),
-        "meters": {k: v.detach().cpu() for k, v in run.meters.values.items()},
-        "best_metric": run.best,
-        "elapsed": run.elapsed,
-        "config": run.cfg.model_dump(mode="json"),
-        "classes": list(run.data.classes),
-    }
-
-
-def save(run: Run, name: str = "last.pt") -> Path:
-    """Rank 0 writes; every rank waits so none races ahead of a half-written file."""
-    path = run.run_dir / name
-    if run.world.is_main:
-        ckpt.save_atomic(payload(run), path)
-    run.world.barrier()
-    return path
+    abs_mean: torch.Tensor | None = None  # per-parameter mean |g| at the last log point
+    abs_max: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch
 
 
 def train(
-    cfg: Config,
-    reporter: Reporter,
-    resume: dict[str, Any] | None = None,
-    run_dir: Path | None = None,
+    cfg: Config, reporter: Reporter, start: Start | None = None, force: bool = False
 ) -> RunResult:
-    run = setup(cfg, resume, run_dir)
+    """Build the run, then: for each epoch, train, evaluate, log and checkpoint."""
+    run = build_run(cfg, start or Start(cfg), force)
     try:
-        with StopRequest(run.world) as stop:
-            return fit(run, reporter, stop)
+        with run.lock, StopRequest(run.world) as stop:
+            for note in run.data.notes:
+                reporter.note(note)
+            if not run.resumed:
+                start_tensorboard(run)
+            window = Window()
+            while run.pos.epoch < cfg.train.epochs:
+                reporter.epoch_start(run.pos.epoch + 1, cfg.train.epochs, len(run.train_loader),
+                                     run.pos.step_in_epoch)  # fmt: skip
+                started = time.perf_counter()
+                stopped = train_one_epoch(run, reporter, stop, window)
+                run.elapsed += time.perf_counter() - started
+                if stopped:  # a signal: the checkpoint is saved, report and go
+                    return result(run, window, stopped_by=stop.name)
+                window.metrics = end_epoch(run, window, time.perf_counter() - started)
+                reporter.epoch_end(run.pos.epoch, window.metrics, time.perf_counter() - started)
+            out = result(run, window)
+            run.tracker.hparams(cfg, out.metrics)
+            return out
     finally:
         run.tracker.close()
 
 
-def fit(run: Run, reporter: Reporter, stop: StopRequest) -> RunResult:
-    cfg, pos = run.cfg, run.pos
-    result = RunResult(run.run_dir, run.run_dir / "last.pt", world_size=run.world.size)
-    for note in run.data.notes:
-        reporter.note(note)
-    steps = len(run.train_loader)
-    metrics: dict[str, float] = {}
-    while pos.epoch < cfg.train.epochs:
-        reporter.epoch_start(pos.epoch + 1, cfg.train.epochs, steps, pos.step_in_epoch)
-        started = time.perf_counter()
-        stopped = run_epoch(run, reporter, stop)
-        run.elapsed += time.perf_counter() - started
-        if stopped:
-            result.stopped_by = stop.name
-            break
-        metrics = end_epoch(run, reporter, time.perf_counter() - started)
-    result.metrics = metrics or last_metrics(run)
-    result.seconds, result.global_step = run.elapsed, pos.global_step
-    result.grad_norm_means = mean_norms(run)
-    if result.stopped_by is None:
-        run.tracker.hparams(cfg, result.metrics)
-    run.tracker.flush()
-    return result
-
-
-def run_epoch(run: Run, reporter: Reporter, stop: StopRequest) -> bool:
+def train_one_epoch(run: Run, reporter: Reporter, stop: StopRequest, window: Window) -> bool:
     """Train one epoch (or its remainder); True when a signal asked us to stop."""
-    pos, every = run.pos, run.cfg.log.every_n_steps
-    window_start, window_images = time.perf_counter(), 0
+    pos, cfg = run.pos, run.cfg
+    steps = len(run.train_loader)
     batches = run.train_loader.epoch(pos.epoch, pos.step_in_epoch, pos.global_step)
     for images, labels in batches:
         norms = train_step(run.m, images, labels, run.meters)
         pos.advance()
+        window.images += len(labels) * run.world.size
         if run.m.device.type == "cpu":
             # CPU work is synchronous, so checking every step costs nothing and stops a
             # divergence after exactly max_nonfinite_steps; CUDA checks at log points.
             check_health(run, run.meters.read())
-        window_images += len(labels) * run.world.size
-        last_of_epoch = pos.step_in_epoch == len(run.train_loader)
-        at_log_point = pos.global_step % every == 0 or last_of_epoch
+        last_of_epoch = pos.step_in_epoch == steps
+        at_log_point = pos.global_step % cfg.log.every_n_steps == 0 or last_of_epoch
         if at_log_point:
-            rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-            log_window(run, reporter, norms, rate)
-            window_start, window_images = time.perf_counter(), 0
+            log_window(run, reporter, window, norms)
+        if at_histogram_point(run, last_of_epoch):
+            run.tracker.histograms(finite_params(run), pos.global_step)
         # Under DDP, agreeing on a stop is a collective: on CUDA do it only where we sync
         # anyway; on the CPU (gloo) it is cheap enough for every step.
         cheap = not run.world.active or run.m.device.type == "cpu"
         if (at_log_point or cheap) and stop.requested(run.m.device):
             if not at_log_point:
-                log_window(run, reporter, norms, 0.0)  # keep the partial window's points
+                log_window(run, reporter, window, norms)  # keep the partial window's points
             save(run)
             return True
-        n = run.cfg.train.checkpoint_every_n_steps
-        if n and pos.global_step % n == 0 and not last_of_epoch:
+        every = cfg.train.checkpoint_every_n_steps
+        if every and pos.global_step % every == 0 and not last_of_epoch:
             read_meters(run)  # never save diverged weights over a good checkpoint
             save(run)
     return False
+
+
+def end_epoch(run: Run, window: Window, seconds: float) -> dict[str, float]:
+    """Evaluate, log the epoch's metrics and figures, and checkpoint (last.pt, best.pt)."""
+    values = read_meters(run)
+    metrics = {"train/accuracy": values["correct"] / max(values["seen"], 1)}
+    metrics["train/epoch_seconds"] = seconds
+    step, classes = run.pos.global_step, run.data.classes
+    for name, split in (("val", run.data.val), ("test", run.data.test)):
+        if split is not None:
+            scores = evaluate_split(run, split)
+            metrics[f"{name}/loss"] = scores["loss"]
+            metrics[f"{name}/accuracy"] = scores["accuracy"]
+            if "accuracy_live" in scores:  # what the weight average buys over the live weights
+                metrics[f"{name}/accuracy_live"] = scores["accuracy_live"]
+            run.tracker.confusion(name, scores["confusion"], classes, step)
+    run.tracker.scalars(metrics, step, run.pos.epoch + 1)
+    if window.abs_mean is not None and window.abs_max is not None:
+        run.tracker.gradient_flow(
+            run.names, window.abs_mean.tolist(), window.abs_max.tolist(), step
+        )
+    run.pos.next_epoch()
+    run.meters.values["seen"].zero_()
+    run.meters.values["correct"].zero_()
+    monitored = metrics.get("val/accuracy", metrics.get("test/accuracy", -math.inf))
+    improved = monitored > run.best
+    run.best = max(run.best, monitored)
+    save(run)
+    if improved:
+        save(run, "best.pt")
+    run.tracker.flush()
+    return metrics
+
+
+def evaluate_split(run: Run, split: Split) -> dict[str, Any]:
+    """Score the weight average where there is one (and the live weights beside it).
+
+    Every rank scores the whole split (it is small), so all ranks agree without a reduce;
+    one loader serves both weight sets.
+    """
+    m, cfg = run.m, run.cfg
+    loader = DeviceLoader(
+        split, cfg.data, cfg.train.eval_batch_size, m.device, train=False,
+        channels_last=cfg.model.channels_last,
+    )  # fmt: skip
+    model = m.average.model if m.average is not None else m.model
+    scored = evaluate(model, m.loss_fn, loader.epoch(0), m.precision, cfg.train.eval_flip)
+    out = {"loss": scored.loss, "accuracy": scored.accuracy, "confusion": scored.confusion}
+    if m.average is not None:
+        live = evaluate(m.model, m.loss_fn, loader.epoch(0), m.precision, cfg.train.eval_flip)
+        out["accuracy_live"] = live.accuracy
+    return out
+
+
+# --- Logging ------------------------------------------------------------------------------
+
+
+def start_tensorboard(run: Run) -> None:
+    """Once per new run: the config, the model graph, a batch as the net sees it, the layout."""
+    run.tracker.config_text(run.cfg)
+    images, labels = next(iter(run.train_loader.epoch(0)))
+    run.tracker.run_start(run.m.plain, images, labels, run.data.classes, run.cfg)
+
+
+def log_window(run: Run, reporter: Reporter, window: Window, norms: torch.Tensor) -> None:
+    """Metrics since the last read-back go to TensorBoard and the progress display."""
+    values = read_meters(run)
+    now = time.perf_counter()
+    rate = window.images / max(now - window.started, 1e-9)
+    window.started, window.images = now, 0
+    scalars: dict[str, float] = {"train/lr": run.m.optimizer.param_groups[0]["lr"]}
+    if rate > 0:
+        scalars["train/images_per_s"] = rate
+    if run.m.scaler.is_enabled():  # logged even when every step of the window was skipped
+        scalars["amp/scale"] = run.m.scaler.get_scale()
+        scalars["amp/skipped_steps"] = values["skipped"]
+    if values["steps"] > 0:  # only finite steps count towards the loss and the norms
+        loss = values["loss_sum"] / values["steps"]
+        scalars["train/loss"] = window.final_loss = loss
+        scalars["train/loss_per_image"] = per_image(loss, run.cfg.loss, run.cfg.train.batch_size)
+        scalars.update(norm_scalars(run, window, norms))
+        reporter.progress(run.pos.step_in_epoch, loss, rate)
+    run.tracker.scalars(scalars, run.pos.global_step, run.pos.epoch + 1)
+    run.meters.reset_window()
+
+
+def per_image(loss: float, cfg: LossConfig, batch: int) -> float:
+    """A step's loss per image, so mean and sum runs share a scale: sum adds the batch's
+    images up; mean averages over images (CE) or over images × classes (MSE, L1)."""
+    if cfg.reduction == "sum":
+        return loss / batch
+    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
+
+
+def norm_scalars(run: Run, window: Window, norms: torch.Tensor) -> dict[str, float]:
+    """Per-parameter gradient norms, and the |g| statistics behind the gradient-flow figure."""
+    if not run.cfg.log.grad_norms:
+        return {}
+    norms = norms.detach()
+    window.norm_sums = norms.clone() if window.norm_sums is None else window.norm_sums + norms
+    window.norm_count += 1
+    grads = [p.grad for p in run.m.params]
+    if all(g is not None for g in grads):  # the last step's gradients, already unscaled
+        window.abs_mean = torch.stack([g.abs().mean() for g in grads]).float().cpu()
+        window.abs_max = torch.stack(torch._foreach_norm(grads, float("inf"))).float().cpu()
+    values = norms.tolist()
+    out = {"grad_norm/total": math.sqrt(sum(v * v for v in values))}
+    out.update({f"grad_norm/{name}": v for name, v in zip(run.names, values, strict=True)})
+    return out
+
+
+def finite_params(run: Run) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters whose weights and gradients are finite (a histogram of NaNs is an
+    error in TensorBoard; a diverging run is stopped by the health check instead)."""
+    out = []
+    for name, p in zip(run.names, run.m.params, strict=True):
+        if bool(torch.isfinite(p).all()) and (p.grad is None or bool(torch.isfinite(p.grad).all())):
+            out.append((name, p))
+    return out
+
+
+def at_histogram_point(run: Run, last_of_epoch: bool) -> bool:
+    log = run.cfg.log
+    if not log.histograms:
+        return False
+    every = log.histograms_every_n_steps
+    return run.pos.global_step % every == 0 if every else last_of_epoch
+
+
+# --- Health and checkpoints ---------------------------------------------------------------
 
 
 def read_meters(run: Run) -> dict[str, float]:
@@ -309,101 +269,47 @@ def read_meters(run: Run) -> dict[str, float]:
 
 def check_health(run: Run, values: dict[str, float]) -> None:
     if values["max_streak"] >= run.cfg.train.max_nonfinite_steps:
-        raise diverged(run, values)
+        first = int(values["streak_start"])
+        raise diverged(
+            run, f"the loss or gradient norm was non-finite for {int(values['max_streak'])} "
+            f"consecutive steps from step {first}", first,
+        )  # fmt: skip
 
 
-SUMMED = ("loss_sum", "steps", "seen", "correct")
-
-
-def log_window(run: Run, reporter: Reporter, norms: torch.Tensor, rate: float) -> None:
-    """Metrics since the last read-back go to TensorBoard and the progress display."""
-    values = read_meters(run)
-    scalars: dict[str, float] = {"train/lr": run.m.optimizer.param_groups[0]["lr"]}
-    if rate > 0:
-        scalars["train/images_per_s"] = rate
-    if run.m.scaler.is_enabled():  # logged even when every step of the window was skipped
-        scalars["amp/scale"] = run.m.scaler.get_scale()
-        scalars["amp/skipped_steps"] = values["skipped"]
-    if values["steps"] > 0:  # only finite steps count towards the loss and the norms
-        scalars["train/loss"] = values["loss_sum"] / values["steps"]
-        scalars.update(norm_scalars(run, norms))
-        reporter.progress(run.pos.step_in_epoch, scalars["train/loss"], rate)
-    run.tracker.scalars(scalars, run.pos.global_step)
-    run.meters.reset_window()
-
-
-def norm_scalars(run: Run, norms: torch.Tensor) -> dict[str, float]:
-    if not run.cfg.log.grad_norms:
-        return {}
-    norms = norms.detach()
-    run.norm_sums = norms.clone() if run.norm_sums is None else run.norm_sums + norms
-    run.norm_count += 1
-    values = norms.tolist()
-    out = {"grad_norm/total": math.sqrt(sum(v * v for v in values))}
-    out.update({f"grad_norm/{name}": v for name, v in zip(run.names, values, strict=True)})
-    return out
-
-
-def mean_norms(run: Run) -> dict[str, float]:
-    if run.norm_sums is None:
-        return {}
-    means = (run.norm_sums / run.norm_count).tolist()
-    return dict(zip(run.names, means, strict=True))
-
-
-def diverged(run: Run, values: dict[str, float]) -> CliError:
-    first = int(values["streak_start"])
+def diverged(run: Run, what: str, step: int) -> Diverged:
     kept = run.run_dir / "last.pt"
     keep = (
-        f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was saved"
-    )
-    return CliError(
-        f"training diverged: the loss or gradient norm was non-finite for "
-        f"{int(values['max_streak'])} consecutive steps from step {first}; {keep}. "
-        f"Try a lower learning rate (optim.lr is {run.cfg.optim.lr:g}) or set optim.grad_clip"
-    )
-
-
-def end_epoch(run: Run, reporter: Reporter, seconds: float) -> dict[str, float]:
-    """Evaluate, log the epoch's metrics, and checkpoint (last.pt, and best.pt if better)."""
-    values = read_meters(run)
-    metrics = {"train/accuracy": values["correct"] / max(values["seen"], 1)}
-    metrics["train/epoch_seconds"] = seconds
-    for split_name, split in (("val", run.data.val), ("test", run.data.test)):
-        if split is not None:
-            loader = eval_loader(run, split)
-            result = evaluate(run.m, loader.epoch(0))
-            metrics[f"{split_name}/loss"] = result.loss
-            metrics[f"{split_name}/accuracy"] = result.accuracy
-            if run.m.average is not None:  # what the average buys over the live weights
-                live = evaluate(run.m, loader.epoch(0), live=True)
-                metrics[f"{split_name}/accuracy_live"] = live.accuracy
-    run.tracker.scalars(metrics, run.pos.global_step)
-    run.pos.next_epoch()
-    run.meters.values["seen"].zero_()
-    run.meters.values["correct"].zero_()
-    monitored = metrics.get("val/accuracy", metrics.get("test/accuracy", -math.inf))
-    improved = monitored > run.best
-    run.best = max(run.best, monitored)
-    save(run)
-    if improved:
-        save(run, "best.pt")
-    run.tracker.flush()
-    reporter.epoch_end(run.pos.epoch, metrics, seconds)
-    return metrics
-
-
-def eval_loader(run: Run, split: Any) -> DeviceLoader:
-    """Every rank scores the whole split (it is small), so all ranks agree without a reduce.
-
-    One loader per split and epoch: with a weight average, both weight sets read the same
-    device copy of the split.
-    """
-    return DeviceLoader(
-        split, run.cfg.data, run.cfg.train.eval_batch_size, run.m.device, train=False,
-        channels_last=run.cfg.model.channels_last,
+        f"the last finite checkpoint {kept} (step {ckpt.load_checkpoint(kept)['global_step']}) "
+        "is kept" if kept.exists() else "no checkpoint was saved"
     )  # fmt: skip
+    return Diverged(
+        f"training diverged: {what}; {keep}. Try a lower learning rate (optim.lr is "
+        f"{run.cfg.optim.lr:g}) or set optim.grad_clip",
+        step,
+    )
 
 
-def last_metrics(run: Run) -> dict[str, float]:
-    return {"train/global_step": float(run.pos.global_step)}
+def save(run: Run, name: str = "last.pt") -> Path:
+    """Rank 0 writes, and only finite weights; every rank waits so none races ahead."""
+    path = run.run_dir / name
+    if run.world.is_main:
+        payload = ckpt.capture(run)
+        bad = ckpt.first_nonfinite(payload)
+        if bad is not None:
+            step = run.pos.global_step
+            raise diverged(run, f"{bad} holds inf/NaN values at step {step}", step)
+        ckpt.save_atomic(payload, path)
+    run.world.barrier()
+    return path
+
+
+def result(run: Run, window: Window, stopped_by: str | None = None) -> RunResult:
+    out = RunResult(run.run_dir, run.run_dir / "last.pt", world_size=run.world.size)
+    out.stopped_by, out.final_loss = stopped_by, window.final_loss
+    out.seconds, out.global_step = run.elapsed, run.pos.global_step
+    out.metrics = window.metrics or {"train/global_step": float(run.pos.global_step)}
+    if window.norm_sums is not None:
+        means = (window.norm_sums / window.norm_count).tolist()
+        out.grad_norm_means = dict(zip(run.names, means, strict=True))
+    run.tracker.flush()
+    return out

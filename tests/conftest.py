@@ -1,27 +1,10 @@
-"""Shared helpers: run the real CLI and read back real TensorBoard event files."""
+"""Fixtures; the helpers themselves live in tests/helpers.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from typer.testing import CliRunner
 
-from cifar_bp.cli import app
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
-
-
-class Cli:
-    """`cli("train", ...)` runs the real Typer app in-process and returns Click's Result."""
-
-    def __init__(self) -> None:
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str):
-        return self.runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+from tests.helpers import ROOT, SMOKE, Cli, only_run, scalars  # noqa: F401  (old imports)
 
 
 @pytest.fixture
@@ -29,14 +12,7 @@ def cli() -> Cli:
     return Cli()
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in a run directory, as (step, value) pairs."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def only_run(logdir: Path) -> Path:
-    runs = [p for p in logdir.iterdir() if p.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: end-to-end cases over a few seconds (`pytest -m 'not slow'` skips them)"
+    )

@@ -9,20 +9,24 @@ from pathlib import Path
 
 import torch
 
+from cifar_bp import trainer
 from cifar_bp.config import resolve_config
 from cifar_bp.report import QuietReporter
-from cifar_bp.signals import StopRequest
-from cifar_bp.trainer import fit, setup, unwrap_model
 
 
 def main(config: str, out: str, *sets: str) -> None:
     cfg = resolve_config(Path(config), {}, list(sets))
-    run = setup(cfg, None, None)
-    with StopRequest(run.world) as stop:
-        fit(run, QuietReporter(), stop)
-    run.tracker.close()
+    built = []
+    build_run = trainer.build_run
+
+    def keep(*args, **kwargs):  # the real build, remembered so the weights can be saved
+        built.append(build_run(*args, **kwargs))
+        return built[-1]
+
+    trainer.build_run = keep
+    trainer.train(cfg, QuietReporter())
     rank = os.environ.get("RANK", "0")
-    torch.save(unwrap_model(run.m).state_dict(), Path(out) / f"rank{rank}.pt")
+    torch.save(built[0].m.plain.state_dict(), Path(out) / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

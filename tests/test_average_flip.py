@@ -10,10 +10,11 @@ import torch
 from cifar_bp.checkpoint import load_checkpoint
 from cifar_bp.config import Config, LossConfig, ModelConfig
 from cifar_bp.data import DeviceLoader, load_dataset
-from cifar_bp.engine import Machinery, WeightAverage, evaluate
+from cifar_bp.engine import WeightAverage, evaluate
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
-from tests.conftest import SMOKE, scalars
+from cifar_bp.setup import Precision
+from tests.helpers import SMOKE, scalars
 
 
 def test_weight_average_lerps_with_a_ramped_decay():
@@ -34,9 +35,10 @@ def test_weight_average_lerps_with_a_ramped_decay():
     assert again.updates == 201 and torch.equal(again.model.weight, avg.model.weight)
 
 
-def _machinery(model: torch.nn.Module, flip: bool, loss_cfg: LossConfig | None = None) -> Machinery:
+def _score(model: torch.nn.Module, flip: bool, batches, loss_cfg: LossConfig | None = None):
     loss = build_loss(loss_cfg or LossConfig(label_smoothing=0.0))
-    return Machinery.for_eval(model, loss, torch.device("cpu"), flip)
+    fp32 = Precision(torch.device("cpu"), None, False, "test")
+    return evaluate(model, loss, batches, fp32, flip)
 
 
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
@@ -47,10 +49,10 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
         logits = (model(images) + model(images.flip(3))) / 2
     want_loss = torch.nn.functional.cross_entropy(logits, labels).item()
     want_acc = (logits.argmax(1) == labels).float().mean().item()
-    got = evaluate(_machinery(model, flip=True), [(images, labels)])
+    got = _score(model, True, [(images, labels)])
     assert got.loss == pytest.approx(want_loss, rel=1e-5)
     assert got.accuracy == pytest.approx(want_acc)
-    plain = evaluate(_machinery(model, flip=False), [(images, labels)])
+    plain = _score(model, False, [(images, labels)])
     assert plain.loss != pytest.approx(want_loss, rel=1e-5)  # the flip changes the answer
 
 
@@ -73,7 +75,7 @@ def test_training_evaluates_and_keeps_the_weight_average(cli, tmp_path):
     cfg = Config.model_validate(payload["config"])
     data = load_dataset(cfg.data, cfg.train.seed)
     batches = DeviceLoader(data.test, cfg.data, 128, torch.device("cpu"), train=False).epoch(0)
-    raw = evaluate(_machinery(model, cfg.train.eval_flip, cfg.loss), batches)
+    raw = _score(model, cfg.train.eval_flip, batches, cfg.loss)
     assert raw.loss != pytest.approx(logged, rel=1e-5)  # the live weights score differently
     # ... and their accuracy is logged beside the average's.
     live_logged = scalars(run_dir)["test/accuracy_live"][-1][1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifar_bp.checkpoint import FORMAT_VERSION, load_checkpoint
-from tests.conftest import SMOKE
+from tests.helpers import SMOKE
 
 TINY = ["--config", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
 
@@ -68,7 +68,7 @@ CASES = [
     ("x", ["--device", "mps"], 2, "device must be auto, cpu, cuda or cuda:N"),
     ("x", ["--device", "cuda"], 2, "CUDA is not available on this machine"),
     ("x", ["--lr", "0"], 2, "optim.lr: must be greater than 0"),
-    ("x", ["--set", "train.amp_dtype=float16", "--amp"], 2, "float16 is not supported on the CPU"),
+    ("x", ["--set", "train.amp_dtype=float16", "--amp"], 2, "amp_dtype=float16 needs CUDA"),
     ("data_missing", [], 1, "CIFAR-10 not found or corrupt"),
     ("root_is_file", [], 1, "is a file, not a directory"),
     ("corrupt_batches", [], 1, "CIFAR-10 not found or corrupt"),
@@ -183,3 +183,35 @@ def test_bad_checkpoints_are_one_clear_message(cli, broken, kind, command):
     assert result.exit_code == 1, result.stderr
     assert MESSAGES[kind] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert lines and lines[-1].startswith("error: ")
+    assert sum(line.startswith("error:") for line in lines) == 1, result.stderr
+    return lines[-1]
+
+
+def test_full_disk_at_start_up_is_one_line(cli, tmp_path):
+    """No room even for config.yaml: the run fails where it creates its folder, not later."""
+    with mounted_tmpfs(tmp_path / "full", "64k") as full:
+        with contextlib.suppress(OSError), open(full / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        result = cli("train", *TINY, "--epochs", "1", "--logdir", full / "runs")
+        assert result.exit_code == 1, result.stderr
+        assert "No space left" in one_error_line(result)
+
+
+def test_read_only_run_folder_on_resume_is_one_line(cli, tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "20m") as ro:
+        trained = cli("train", *TINY, "--epochs", "1", "--logdir", ro, "--run-name", "r")
+        assert trained.exit_code == 0, trained.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        before = snapshot(ro)
+        result = cli("train", "--resume", ro / "r", "--epochs", "2")
+        assert result.exit_code in (1, 2), result.stderr
+        assert "read-only" in one_error_line(result).lower()
+        assert snapshot(ro) == before

@@ -5,48 +5,96 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
 
-from cifar_bp.bench import EngineLoop, Variant, catalogue
+from cifar_bp.benchmark import print_benchmark
+from cifar_bp.benchmark.loops import EngineLoop
+from cifar_bp.benchmark.variants import Variant, catalogue, choose, step_cost
+from cifar_bp.config import resolve_config
 from cifar_bp.data import synthetic_split
+from cifar_bp.errors import UsageError
+from cifar_bp.model import ReferenceNet
+from cifar_bp.setup import resolve_precision
 
 
-def test_bench_json_reports_three_variants(cli):
+@pytest.mark.slow
+def test_bench_reports_rates_flops_and_peak_share(cli, capsys):
     # --sync-debug is a no-op on the CPU, but its code path must run there too.
     result = cli(
-        "bench", "--device", "cpu", "--images", "128", "--repeats", "1", "--json", "--sync-debug"
-    )
+        "bench", "--device", "cpu", "--images", "128", "--repeats", "1", "--json",
+        "--sync-debug", "--variants", "a,b,d,b@32",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     variants = report["variants"]
-    assert list(variants) == ["a", "b", "c"]
+    assert list(variants) == ["a", "b", "d", "b@32"]
+    peak = report["peak"]["float32"]["best_gflops"]
+    assert peak > 0 and report["peak"]["threads"] == report["threads"]
+    mflop = report["step_mflop_per_image"]["total"]
     base = variants["a"]["images_per_s"]
     for v in variants.values():
-        assert v["images_per_s"] > 0
+        assert v["images_per_s"] > 0 and v["first_images_per_s"] > 0 and v["setup_s"] > 0
         assert v["ratio"] == pytest.approx(v["images_per_s"] / base)
-        assert v["runs_images_per_s"] and v["peak_rss_mb"] > 0
+        for prefix in ("", "first_"):
+            gflops = v[f"{prefix}images_per_s"] * mflop / 1e3
+            assert v[f"{prefix}gflops"] == pytest.approx(gflops)
+            assert v[f"{prefix}peak_share"] == pytest.approx(gflops / peak)
+        assert len(v["runs_images_per_s"]) == 1 and v["peak_rss_mb"] > 0
         assert v["host_syncs"] is None and v["peak_cuda_mb"] is None
-    assert variants["a"]["ratio"] == 1.0
-    assert variants["a"]["engine"] is False and variants["b"]["batch_size"] == 64
+    assert variants["b@32"]["batch_size"] == 32 and variants["b@32"]["steps_per_epoch"] == 4
+    # (d) is train's default path: precision as train resolves it here, the default optimizer.
+    default = resolve_precision(resolve_config(None, {"device": "cpu"}).train, torch.device("cpu"))
+    assert variants["d"]["precision"] == default.name and variants["d"]["optimizer"] == "muon"
+    assert variants["d"]["compiled"] is False
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
-    assert report["images"] == 128 and report["repeats"] == 1
+    print_benchmark(report, as_json=False)
+    text = capsys.readouterr().out
+    assert "d default train" in text and "% peak" in text and "1st epoch img/s" in text
+    assert f"float32 {peak:,.1f} GFLOP/s" in text and "69.2 MFLOP per image" in text
+
+
+def test_step_cost_counts_each_layers_multiply_adds():
+    # conv: output pixels × out channels × in channels × 5 × 5; linear: in × out.
+    macs = [32 * 32 * 32 * 3 * 25, 16 * 16 * 32 * 32 * 25, 8 * 8 * 64 * 32 * 25, 1024 * 64, 640]
+    cost = step_cost(ReferenceNet())
+    assert cost.forward == cost.weight_grads == 2 * sum(macs)
+    assert cost.input_grads == 2 * sum(macs[1:])  # the image needs no gradient
+    assert (round(cost.forward / 1e6, 1), round(cost.input_grads / 1e6, 1)) == (24.7, 19.8)
+    assert round(cost.total / 1e6, 1) == 69.2
 
 
 def test_bench_rejects_unknown_variant(cli):
-    result = cli("bench", "--device", "cpu", "--variants", "a,zz")
-    assert result.exit_code == 2
-    assert "zz" in result.stderr and "choose from" in result.stderr
+    for bad in ("a,zz", "b@0", "zz@64"):
+        result = cli("bench", "--device", "cpu", "--variants", bad)
+        assert result.exit_code == 2, bad
+        assert "choose from" in result.stderr and "KEY@N" in result.stderr
+
+
+def test_variants_at_other_batch_sizes_keep_their_settings():
+    chosen = choose(["c", "c@4096", "bf16@256", "c"], "cuda")
+    assert list(chosen) == ["c", "c@4096", "bf16@256"]
+    assert chosen["c@4096"].batch_size == 4096 and chosen["c@4096"].amp_dtype == "bfloat16"
+    assert chosen["bf16@256"].batch_size == 256
+    with pytest.raises(UsageError):
+        choose([" ", ""], "cpu")
 
 
 def test_variant_overrides_are_valid_train_settings():
-    from cifar_bp.config import resolve_config
-
     for device_type in ("cpu", "cuda"):
         for variant in catalogue(device_type, compile_fast=True).values():
             cfg = resolve_config(None, {}, variant.overrides())
             assert cfg.train.batch_size == variant.batch_size
+            if not variant.tutorial_optim:  # (d): train's defaults, left on auto
+                assert (cfg.train.amp, cfg.train.compile, cfg.optim.name) == (
+                    "auto",
+                    "auto",
+                    "muon",
+                )
+                continue
             assert cfg.train.amp == (variant.amp_dtype is not None)
             # The tutorial's optimizer, so (a), (b) and (c) do the same arithmetic per step.
             assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scheduler) == ("sgd", 0.01, "none")
@@ -56,12 +104,28 @@ def test_variant_overrides_are_valid_train_settings():
 
 
 def test_engine_loop_runs_more_epochs_than_the_default_recipe():
-    epochs = 6
-    loop = EngineLoop(
-        catalogue("cpu")["b"], synthetic_split(64, seed=0), torch.device("cpu"), epochs, False
-    )
+    epochs = 4
+    variant = choose(["d@8"], "cpu")["d@8"]  # one-cycle: it refuses to step past its schedule
+    loop = EngineLoop(variant, synthetic_split(32, seed=0), torch.device("cpu"), epochs, False)
     assert all(loop.epoch(i) > 0 for i in range(epochs))
-    assert loop.summary()["steps_per_epoch"] == 1
+    assert loop.summary()["steps_per_epoch"] == 4
+
+
+def test_sync_check_counts_syncs_inside_the_step_only(monkeypatch):
+    """CUDA's sync debug mode needs a GPU; the counting around it is checked with a fake."""
+    from cifar_bp.benchmark import loops
+
+    @contextmanager
+    def one_sync_per_step():
+        caught: list[warnings.WarningMessage] = []
+        yield caught
+        caught.append(warnings.WarningMessage("synchronizing op", UserWarning, "engine.py", 7))
+
+    monkeypatch.setattr(loops, "sync_watch", one_sync_per_step)
+    monkeypatch.setattr(loops, "SYNC_STEPS", 3)
+    split = synthetic_split(16 * 5, seed=0)
+    loop = EngineLoop(choose(["b@16"], "cpu")["b@16"], split, torch.device("cpu"), 1, False)
+    assert loop.host_syncs() == (3, 3, "engine.py:7")  # stops after SYNC_STEPS of 5
 
 
 def test_help_does_not_import_torch():

@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from tests.conftest import SMOKE, Cli, scalars
+from tests.helpers import SMOKE, Cli, scalars
 
 FAST = ["--config", SMOKE, "--epochs", "1", "--set", "data.train_size=128",
         "--set", "data.test_size=64", "--set", "train.batch_size=32",
@@ -18,9 +18,16 @@ LABELS = ["ce-mean", "ce-sum", "l1-mean", "l1-sum", "mse-mean", "mse-sum"]
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("compare")
-    result = Cli()("compare", *FAST, "--losses", "ce,mse,l1", "--reductions", "mean,sum",
-                   "--logdir", logdir, "--run-name", "first")  # fmt: skip
+    wide = Cli()
+    wide.runner.env = {"COLUMNS": "200"}  # one line per table row, to read the values back
+    result = wide("compare", *FAST, "--losses", "ce,mse,l1", "--reductions", "mean,sum",
+                  "--logdir", logdir, "--run-name", "first")  # fmt: skip
     return result, logdir / "first"
+
+
+def table_row(out: str, name: str) -> list[str]:
+    (line,) = [line for line in out.splitlines() if line.startswith(f"│ {name} ")]
+    return [cell.strip() for cell in line.split("│")[2:-1]]
 
 
 def test_one_readable_event_file_per_combination(comparison):
@@ -53,10 +60,56 @@ def test_summary_table_and_labelled_progress(comparison):
     result, parent = comparison
     out = result.stdout
     assert "[ce-mean] run 1/6" in out and "[mse-sum] epoch 1/1" in out
-    for row in ("Comparison", "final train loss", "test accuracy", "wall time",
-                "mean ‖g‖ conv1.weight", "mean ‖g‖ linear2.bias", *LABELS):  # fmt: skip
+    for row in ("Comparison (optimizer adam, lr 0.002)", "status", "train loss per image",
+                "test accuracy", "wall time", "mean ‖g‖ conv1.weight", "mean ‖g‖ linear2.bias",
+                *LABELS):  # fmt: skip
         assert row in out, row
+    assert table_row(out, "status") == ["finished"] * 6
     assert str(parent) in out.replace("\n", "")
+
+
+def test_losses_per_image_compare_mean_with_sum(comparison):
+    """Per image: sum ÷ the batch's 32 images; mean MSE/L1 × 10 classes; mean CE as is."""
+    result, parent = comparison
+    header = [line for line in result.stdout.splitlines() if "ce-mean" in line and "┃" in line]
+    labels = [cell.strip() for cell in header[0].split("┃")[2:-1]]
+    shown = dict(zip(labels, map(float, table_row(result.stdout, "train loss per image")),
+                     strict=True))  # fmt: skip
+    factor = {"ce-mean": 1, "ce-sum": 1 / 32, "mse-mean": 10, "mse-sum": 1 / 32,
+              "l1-mean": 10, "l1-sum": 1 / 32}  # fmt: skip
+    for label, per_image in shown.items():
+        last = scalars(parent / label)["train/loss"][-1][1]
+        assert per_image == pytest.approx(last * factor[label], rel=1e-3), label
+    # adam divides the loss's scale away: both reductions learn alike, and the note says so
+    assert "adam divides each step by the gradient's own running size" in result.stdout
+    assert "reduction only rescales the loss" in result.stdout
+    assert "sum ÷ N = 32 images" in result.stdout and "MSE/L1 mean × 10" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_diverging_run_becomes_a_row_and_the_others_finish(cli, tmp_path):
+    """SGD with sum takes N-times larger steps than with mean: that run diverges; the
+    comparison still trains the other, writes both runs, prints the table and exits 0."""
+    args = ["--config", SMOKE, "--epochs", "1", "--set", "data.train_size=128",
+            "--set", "data.test_size=32", "--set", "train.batch_size=32",
+            "--set", "log.every_n_steps=1", "--set", "optim.name=sgd", "--set", "optim.lr=0.1",
+            "--set", "train.max_nonfinite_steps=1"]  # fmt: skip
+    result = cli("compare", *args, "--losses", "ce", "--reductions", "mean,sum",
+                 "--logdir", tmp_path, "--run-name", "div")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Comparison (optimizer sgd, lr 0.1)" in out
+    status = table_row(out, "status")
+    assert status[0] == "finished" and status[1].startswith("diverged at step ")
+    step = int(status[1].removeprefix("diverged at step "))
+    assert 1 <= step <= 4
+    assert "[ce-sum] diverged at step" in out
+    assert table_row(out, "test accuracy")[1] == "-" and table_row(out, "test accuracy")[0] != "-"
+    assert "sgd's step is lr × gradient" in out
+    parent = tmp_path / "div"
+    assert sorted(p.name for p in parent.iterdir()) == ["ce-mean", "ce-sum"]
+    assert "test/accuracy" in scalars(parent / "ce-mean")
+    assert "train/loss" in scalars(parent / "ce-sum")  # its curve up to the divergence
 
 
 def test_same_seed_gives_the_same_final_loss(comparison, cli, tmp_path):

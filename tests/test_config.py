@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cifar_bp.config import DEFAULT_CONFIG, Config, resolve_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -120,3 +120,52 @@ def test_article_is_the_tutorial_recipe():
     assert cfg.optim.grad_clip is None and cfg.train.eval_flip is False
     # The one addition is to scoring, not training: a weight average is evaluated.
     assert cfg.train.ema_decay == 0.999
+
+
+def test_loss_overlays_are_the_default_recipe_with_another_loss():
+    """configs/mse.yaml and l1.yaml only say what differs; everything else is default.yaml."""
+    default = resolve_config(None).model_dump()
+    for name in ["mse", "l1"]:
+        path = ROOT / "configs" / f"{name}.yaml"
+        assert yaml.safe_load(path.read_text())["extends"] == "default.yaml"
+        overlay = resolve_config(path).model_dump()
+        assert overlay["loss"] == {**default["loss"], "name": name, "label_smoothing": 0.0}
+        assert {k: v for k, v in overlay.items() if k != "loss"} == {
+            k: v for k, v in default.items() if k != "loss"
+        }
+
+
+def test_extends_chains_deep_merge_relative_to_each_file(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "data:\n  source: synthetic\n  train_size: 100\n  augment: {crop_padding: 4}\n"
+        "optim:\n  name: sgd\n  lr: 0.5\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\noptim:\n  lr: 0.25\n")
+    top = tmp_path / "sub" / "top.yaml"
+    top.write_text("extends: mid.yaml\ndata:\n  augment: null\n  test_size: 10\n")
+    cfg = resolve_config(top, {"epochs": 2}, ["optim.momentum=0.5"])
+    assert (cfg.data.source, cfg.data.train_size, cfg.data.test_size) == ("synthetic", 100, 10)
+    assert cfg.data.augment is None  # an overlay's null replaces the base's section
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 0.25, 0.5)
+    assert cfg.train.epochs == 2
+    # The base's other defaults come from the schema, as for any file without extends.
+    assert cfg.loss == Config().loss
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "value"),
+    [
+        ("optim.lr=1e-3", "optim.lr", 0.001),  # YAML 1.2 reads 1e-3 as a number
+        ("optim.lr=1", "optim.lr", 1.0),  # an int is a fine float
+        ("optim.betas=[0, 0.5]", "optim.betas", (0.0, 0.5)),
+        ("loss.weight=[0, 1, 1, 1, 1, 1, 1, 1, 1, 1]", "loss.weight", [0.0] + [1.0] * 9),
+        ("train.init_scale=3e38", "train.init_scale", 3e38),
+        ("data.augment=null", "data.augment", None),
+        ("train.amp=false", "train.amp", False),
+    ],
+)
+def test_sensible_values_stay_accepted(item, key, value):
+    cfg = resolve_config(ROOT / "configs/smoke.yaml", {}, [item])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value

@@ -12,9 +12,9 @@ from PIL import Image
 
 from cifar_bp import folder
 from cifar_bp.config import DataConfig
-from cifar_bp.data import Dataset, Split, load_dataset, split_validation
+from cifar_bp.data import Dataset, Split, folder_dataset, load_dataset, split_validation
 from cifar_bp.errors import CliError, UsageError
-from tests.conftest import SMOKE, only_run, scalars
+from tests.helpers import SMOKE, only_run, scalars
 
 
 def pixels(seed: int, size: tuple[int, int] = (32, 32)) -> np.ndarray:
@@ -53,7 +53,7 @@ def as_set(split: Split, classes: tuple[str, ...]) -> dict:
 
 def test_class_order_labels_and_png_pixels_round_trip(tmp_path):
     expected = make_split(tmp_path / "data" / "train", ["truck", "airplane", "cat"], per_class=4)
-    data = folder.load_folder(cfg_for(tmp_path / "data", tmp_path, val_size=2))
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=2))
     assert data.classes == ("airplane", "cat", "truck")
     assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
     assert data.train.images.shape == (12, 3, 32, 32)
@@ -63,7 +63,7 @@ def test_class_order_labels_and_png_pixels_round_trip(tmp_path):
 
 
 def test_cifar10_class_names_sort_to_the_official_order():
-    from cifar_bp.data import CIFAR10_CLASSES
+    from cifar_bp.cifar10 import CLASSES as CIFAR10_CLASSES
 
     assert tuple(sorted(CIFAR10_CLASSES)) == CIFAR10_CLASSES
 
@@ -77,7 +77,7 @@ def test_jpeg_grayscale_and_rgba_are_converted_to_rgb(tmp_path):
     Image.new("RGB", (32, 32), (10, 220, 30)).save(cat / "flat2.JPEG", quality=95)
     (cat / "notes.txt").write_text("ignored: not an image extension")
     (cat / ".hidden.png").write_bytes(b"ignored: hidden")
-    data = folder.load_folder(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
     files = folder.list_split(tmp_path / "data" / "train").files
     images = dict(zip(files, data.train.images, strict=True))
     assert set(images) == {"cat/flat.jpg", "cat/flat2.JPEG", "cat/gray.png", "cat/rgba.png"}
@@ -107,7 +107,7 @@ def test_bad_file_stops_with_one_message_naming_it(tmp_path, name, content, mess
         Image.fromarray(pixels(0)).save(bad, quality=90)
         bad.write_bytes(bad.read_bytes()[:200])
     with pytest.raises(CliError) as err:
-        folder.load_folder(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+        folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
     assert str(bad) in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -153,20 +153,20 @@ def test_unusable_roots_are_one_clear_message(tmp_path, layout, message):
         make_split(root / "train", ["cat"], per_class=1)
         make_split(root / "test", ["cat", "zebra"], per_class=1)
     with pytest.raises(CliError) as err:
-        folder.load_folder(cfg_for(root, tmp_path, val_size=1))
+        folder_dataset(cfg_for(root, tmp_path, val_size=1))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_more_classes_than_network_outputs_is_refused(tmp_path):
     make_split(tmp_path / "data" / "train", [f"c{c:02d}" for c in range(11)], per_class=1)
     with pytest.raises(CliError, match="11 class folders"):
-        folder.load_folder(cfg_for(tmp_path / "data", tmp_path))
+        folder_dataset(cfg_for(tmp_path / "data", tmp_path))
 
 
 def test_test_folder_labels_follow_train_class_order(tmp_path):
     make_split(tmp_path / "data" / "train", ["bird", "cat", "dog"], per_class=2)
     expected = make_split(tmp_path / "data" / "test", ["dog"], per_class=3, seed=50)
-    data = folder.load_folder(cfg_for(tmp_path / "data", tmp_path))
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path))
     assert data.test is not None and data.notes == []
     assert data.test.labels.tolist() == [2, 2, 2]
     assert as_set(data.test, data.classes) == expected
@@ -185,14 +185,14 @@ def test_no_test_folder_means_validation_with_a_note(tmp_path):
 def test_unchanged_folder_loads_from_the_cache_without_decoding(tmp_path, monkeypatch):
     make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=3)
     cfg = cfg_for(tmp_path / "data", tmp_path, val_size=1)
-    first = folder.load_folder(cfg)
+    first = folder_dataset(cfg)
     written = cache_file(tmp_path).stat().st_mtime_ns
 
     def no_decoding(*args):
         raise AssertionError("a warm load must not decode")
 
     monkeypatch.setattr(folder, "decode_images", no_decoding)
-    second = folder.load_folder(cfg)
+    second = folder_dataset(cfg)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.train.labels, second.train.labels)
     assert cache_file(tmp_path).stat().st_mtime_ns == written
@@ -226,25 +226,25 @@ def _touch(cat: Path) -> None:
 def test_changed_folder_is_decoded_again(tmp_path, change):
     make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=3)
     cfg = cfg_for(tmp_path / "data", tmp_path, val_size=1)
-    folder.load_folder(cfg)
+    folder_dataset(cfg)
     change(tmp_path / "data" / "train" / "cat")
     expected = {
         np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1).tobytes(): p.parent.name
         for p in (tmp_path / "data" / "train").glob("*/*.png")
     }
-    again = folder.load_folder(cfg)
+    again = folder_dataset(cfg)
     assert as_set(again.train, again.classes) == expected
     assert any("changed" in note for note in again.notes)
     # ...and the rewritten cache is what the next run uses.
-    assert as_set(folder.load_folder(cfg).train, again.classes) == expected
+    assert as_set(folder_dataset(cfg).train, again.classes) == expected
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
     expected = make_split(tmp_path / "data" / "train", ["cat"], per_class=2)
     cfg = cfg_for(tmp_path / "data", tmp_path, val_size=1)
-    folder.load_folder(cfg)
+    folder_dataset(cfg)
     cache_file(tmp_path).write_bytes(b"garbage")
-    data = folder.load_folder(cfg)
+    data = folder_dataset(cfg)
     assert as_set(data.train, data.classes) == expected
     assert any("could not read the image cache" in note for note in data.notes)
     assert cache_file(tmp_path).stat().st_size > 2 * 3 * 32 * 32
@@ -256,7 +256,7 @@ def test_unwritable_cache_dir_still_loads_with_a_note(tmp_path):
     cfg = DataConfig(
         source="folder", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "blocker" / "c")
     )
-    data = folder.load_folder(cfg)
+    data = folder_dataset(cfg)
     assert as_set(data.train, data.classes) == expected
     assert any("could not write the image cache" in note for note in data.notes)
 
@@ -279,7 +279,7 @@ def test_decoding_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, monkeyp
     make_split(tmp_path / "data" / "train", ["cat"], per_class=20)
     monkeypatch.setattr(folder, "PROGRESS_MIN_FILES", 0)
     monkeypatch.setattr(folder, "CHUNK", 2)
-    folder.load_folder(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+    folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("decoding 20 images in ")
     assert lines[-1] == "  decoded 20/20" and len(lines) <= 11

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cifar_bp.config import ModelConfig
 from cifar_bp.grads import checksum
 from cifar_bp.model import build_model
-from tests.conftest import SMOKE, only_run, scalars
+from tests.helpers import SMOKE, only_run, scalars
 
 TINY = ["--config", SMOKE, "--set", "data.train_size=64", "--set", "data.test_size=16"]
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
@@ -28,7 +28,7 @@ def inspect_json(cli, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def by_reduction():
     """`--loss all` on a batch of 4, once per reduction (same batch and weights each time)."""
-    from tests.conftest import Cli
+    from tests.helpers import Cli
 
     cli = Cli()
     return {r: inspect_json(cli, "--loss", "all", "--batch-size", "4", "--reduction", r)
@@ -80,9 +80,9 @@ def test_reduction_none_backward_with_ones_equals_sum(by_reduction, cli):
         assert p["loss_value"] is None and "ones_like" in p["backward_call"]
         assert p["loss_summary"]["sum"] == pytest.approx(total[loss]["loss_value"], rel=1e-5)
         assert p["total_norm"] == pytest.approx(total[loss]["total_norm"], rel=1e-5)
-    shown = cli("inspect-grads", *TINY, "--reduction", "none", "--loss", "mse")
+    shown = cli("inspect-grads", *TINY, "--reduction", "none", "--loss", "mse", "--batch-size", "2")
     assert "backward(gradient=torch.ones_like(loss))" in shown.stdout
-    assert "a 1×10 tensor" in shown.stdout
+    assert "a 2×10 tensor" in shown.stdout
 
 
 def test_class_weights_change_what_mean_divides_by(cli):
@@ -102,13 +102,98 @@ def test_tables_show_before_after_and_factor(cli):
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert "Before backward" in out and "None" in out and "After loss.backward()" in out
-    assert "model1.linear2.bias" in out and "N = 1" in out
-    side = cli("inspect-grads", *TINY, "--loss", "all").stdout
-    assert "‖g‖ ce" in side and "‖g‖ mse" in side and "‖g‖ l1" in side and "N·C = 1·10" in side
+    assert "model1.linear2.bias" in out and "N = 64" in out  # the default batch: 64
+    assert "checksum" not in out
+    side = cli("inspect-grads", *TINY, "--loss", "all", "--batch-size", "4").stdout
+    assert "‖g‖ ce" in side and "‖g‖ mse" in side and "‖g‖ l1" in side and "N·C = 4·10" in side
+    assert "checksum" not in side and "the same for every loss" in side.replace("\n", " ")
+
+
+def test_default_batch_is_the_tutorials_64_and_1_is_the_seed_demo(cli):
+    assert inspect_json(cli)["batch_size"] == 64
+    one = inspect_json(cli, "--batch-size", "1")
+    assert one["batch_size"] == 1 and len(one["labels"]) == 1
+    (check,) = one["factors"]
+    assert check["expected"] == 1  # with one image, sum and mean coincide: nothing to see
+    help_text = cli("inspect-grads", "--help").stdout
+    assert "--batch-size" in help_text and "seed's" in help_text
+
+
+def at_80_columns(*args: str):
+    from typer.testing import CliRunner
+
+    from cifar_bp.cli import app
+
+    result = CliRunner().invoke(app, ["inspect-grads", *TINY, *args], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["--loss", "all"], ["--param", "model1.linear1.weight"]])
+def test_full_names_and_numbers_at_80_columns(args):
+    out = at_80_columns("--batch-size", "4", *args)
+    rows = [line for line in out.splitlines() if line.startswith(("│", "┃", "┏", "└"))]
+    assert rows and max(map(len, rows)) <= 80
+    assert not any("…" in row for row in rows), [r for r in rows if "…" in r]
+    for name in PARAMS:  # in full, in a table cell, in every parameter table
+        assert sum(f"│ {name} " in row for row in rows) >= 2, name
+    assert "‖g‖" in out and ("‖g‖/‖w‖" in out or "‖g‖ mse" in out)
+
+
+def test_header_names_every_setting_that_is_not_the_plain_loss(cli):
+    smoke = cli("inspect-grads", *TINY, "--batch-size", "4").stdout
+    assert "label_smoothing 0.1" in smoke  # the schema default, made visible
+    plain = cli("inspect-grads", *TINY, "--batch-size", "4",
+                "--set", "loss.label_smoothing=0").stdout  # fmt: skip
+    assert "plain torch.nn loss" in plain and "label_smoothing" not in plain
+    weights = [1.0] * 9 + [2.0]
+    custom = cli("inspect-grads", *TINY, "--batch-size", "4", "--loss", "all",
+                 "--set", f"loss.weight={weights}", "--set", "loss.ignore_index=7",
+                 "--set", "loss.input=logits").stdout  # fmt: skip
+    header = custom[: custom.index("Before backward")]
+    assert "class weights [1, 1, 1, 1, 1, 1, 1, 1, 1, 2]" in header
+    assert "ignore_index 7" in header
+    assert header.count("input logits: the raw logits against one-hot targets") == 2
+    passes = inspect_json(cli, "--batch-size", "4", "--set", "loss.input=logits",
+                          "--loss", "mse")["passes"]  # fmt: skip
+    assert passes[0]["settings"] == ["input logits: the raw logits against one-hot targets"]
+
+
+def test_logit_gradients_are_softmax_minus_one_hot(cli):
+    """dL/dlogits of the first images: with plain CE and sum, exactly softmax − one-hot."""
+    from cifar_bp import grads
+    from cifar_bp.config import resolve_config
+
+    sets = ["--set", "loss.label_smoothing=0", "--batch-size", "4"]
+    out = inspect_json(cli, *sets, "--reduction", "sum")
+    (p,) = out["passes"]
+    assert len(p["logit_grads"]) == 3 and all(len(g) == 10 for g in p["logit_grads"])
+    tiny = ["data.train_size=64", "data.test_size=16", "loss.label_smoothing=0"]
+    cfg = resolve_config(SMOKE, {"batch_size": 4}, tiny)
+    model, _ = grads.make_model(cfg, torch.device("cpu"), None, None)
+    images, labels, _, _ = grads.first_batch(cfg, torch.device("cpu"))
+    assert labels.tolist() == out["labels"]
+    with torch.no_grad():
+        expected = model(images).softmax(1) - torch.nn.functional.one_hot(labels, 10)
+    assert torch.tensor(p["logit_grads"]) == pytest.approx(expected[:3], abs=1e-6)
+    mean = inspect_json(cli, *sets, "--reduction", "mean")["passes"][0]["logit_grads"]
+    assert torch.tensor(mean) * 4 == pytest.approx(expected[:3], abs=1e-6)
+    shown = cli("inspect-grads", *TINY, *sets).stdout
+    assert "∂L/∂logits of the first 3 images" in shown and "softmax − one-hot" in shown
+
+
+def test_json_is_strict(cli):
+    result = cli("inspect-grads", *TINY, "--batch-size", "4", "--json",
+                 "--set", "loss.label_smoothing=0")  # fmt: skip
+
+    def no_constants(name: str) -> float:
+        raise AssertionError(name)
+
+    assert json.loads(result.stdout, parse_constant=no_constants)["batch_size"] == 4
 
 
 def test_missing_data_falls_back_to_synthetic_and_says_so(cli, tmp_path):
-    args = ["--set", f"data.root={tmp_path}", "--set", "data.download=true"]
+    args = ["--set", f"data.root={tmp_path}", "--set", "data.download=true", "--batch-size", "4"]
     result = cli("inspect-grads", *args)
     assert result.exit_code == 0, result.stderr
     assert "note: CIFAR-10 not found" in result.stdout and "synthetic" in result.stdout
@@ -123,23 +208,24 @@ def test_checkpoint_and_param_values(cli, tmp_path):
     trained = cli("train", *TINY, "--epochs", "1", "--batch-size", "16", "--logdir", tmp_path, "-q")
     assert trained.exit_code == 0, trained.stderr
     run_dir = only_run(tmp_path)
-    result = cli("inspect-grads", "--checkpoint", run_dir, "--param", "model1.conv1.weight")
+    result = cli("inspect-grads", "--checkpoint", run_dir, "--param", "model1.conv1.weight",
+                 "--batch-size", "4")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert f"checkpoint {run_dir / 'last.pt'}" in result.stdout.replace("\n", "")
     assert "model1.conv1.weight.grad[0, 0]: the first 5×5 kernel" in result.stdout
-    out = json.loads(cli("inspect-grads", "--checkpoint", run_dir, "--json",
+    out = json.loads(cli("inspect-grads", "--checkpoint", run_dir, "--json", "--batch-size", "4",
                          "--param", "model1.conv1.weight").stdout)  # fmt: skip
     values = out["values"]["ce"]
     assert len(values) == 5 and all(len(row) == 5 for row in values)
     weights = torch.load(run_dir / "last.pt", weights_only=True)["model"]["model1.conv1.weight"]
     assert out["passes"][0]["checksum"] == checksum(weights)  # the trained weights, not fresh
     assert out["data"] == "synthetic"  # the checkpoint's own config chose the data
-    bias = inspect_json(cli, "--param", "model1.linear2.bias")
+    bias = inspect_json(cli, "--param", "model1.linear2.bias", "--batch-size", "4")
     assert [len(row) for row in bias["values"]["ce"]] == [5, 5]
 
 
 def test_logdir_writes_readable_tensorboard(cli, tmp_path):
-    result = cli("inspect-grads", *TINY, "--loss", "all", "--logdir", tmp_path)
+    result = cli("inspect-grads", *TINY, "--loss", "all", "--logdir", tmp_path, "--batch-size", "4")
     assert result.exit_code == 0, result.stderr
     parent = only_run(tmp_path)
     assert sorted(p.name for p in parent.iterdir()) == ["ce-mean", "l1-mean", "mse-mean"]

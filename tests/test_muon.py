@@ -16,7 +16,7 @@ from cifar_bp.muon import (
     orthogonalize,
     orthogonalize_all,
 )
-from tests.conftest import SMOKE, only_run, scalars
+from tests.helpers import SMOKE, only_run, scalars
 
 
 @pytest.mark.parametrize("shape", [(32, 75), (800, 32), (64, 1024)])

@@ -1,0 +1,150 @@
+"""The practitioner's tools: `bench`, `predict`, `export` and `lr-find`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cifar_bp.cli.app import (
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    JsonOpt,
+    LogdirOpt,
+    SeedOpt,
+    SetOpt,
+    app,
+    flags_of,
+)
+
+
+@app.command()
+def bench(
+    device: Annotated[
+        str, typer.Option("--device", help="auto (CUDA if present), cpu or cuda.")
+    ] = "auto",
+    images: Annotated[
+        int | None,
+        typer.Option(
+            "--images", help="Synthetic images per variant [default: 4096 CPU, 16384 CUDA]."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed epochs per variant after 1 warm-up.")
+    ] = 5,
+    variants: Annotated[
+        str,
+        typer.Option(
+            "--variants",
+            help=(
+                "a tutorial loop, b engine, c fastest; search: nchw,bs256,bs1024,bf16,fp16,compile."
+            ),
+        ),
+    ] = "a,b,c",
+    compile_: Annotated[
+        bool, typer.Option("--compile", metavar="", help="Add torch.compile to (c).")
+    ] = False,
+    sync_debug: Annotated[
+        bool,
+        typer.Option(
+            "--sync-debug", metavar="", help="CUDA: count host syncs in the engine's timed steps."
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Images/s of the tutorial's loop (a) against this engine (b, c) on synthetic data.
+
+    Each variant runs in its own process: median of the timed epochs, ratio to (a), peak memory.
+    """
+    from cifar_bp.benchmark import BenchOptions, print_benchmark, run_benchmark
+
+    opts = BenchOptions(device, images, repeats, variants.split(","), compile_, sync_debug)
+    print_benchmark(run_benchmark(opts), json_out)
+
+
+CheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="A run directory (its last.pt) or a .pt file.")
+]
+
+
+@app.command()
+def predict(
+    images: Annotated[
+        list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)
+    ],
+    checkpoint: CheckpointOpt,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Classify your own pictures: the top-k classes of each, with probabilities.
+
+    Any size and mode: converted to RGB and resized to 32×32 (noted when it was), then
+    normalised as the run was; a run's weight average is used where it kept one.
+    Exit 1 when some file could not be classified.
+
+    Example: `cifar-bp predict cat.jpg photos/ "shots/*.png" --checkpoint runs/article`
+    """
+    from cifar_bp.predict import predict as classify
+    from cifar_bp.predict import print_predictions
+
+    if not print_predictions(classify(images, checkpoint, top_k), json_out):
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointOpt,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write [default: model.onnx in the run]."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export the network to ONNX: pixels in [0, 1] in, logits out, any batch size.
+
+    The run's normalisation is inside the graph and the weight average is used where the
+    run kept one. The file is checked against torch with onnxruntime before it is kept.
+    Needs the extra: `pip install 'cifar-bp[onnx]'`.
+    """
+    from cifar_bp.export import export_checkpoint, print_export
+
+    print_export(export_checkpoint(checkpoint, output), json_out)
+
+
+@app.command("lr-find")
+def lr_find(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    start_lr: Annotated[float, typer.Option("--start-lr", help="First lr of the sweep.")] = 1e-6,
+    end_lr: Annotated[float, typer.Option("--end-lr", help="Last lr of the sweep.")] = 1.0,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Batches in the sweep (one lr each), at most 10000.")
+    ] = 100,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    seed: SeedOpt = None,
+    logdir: LogdirOpt = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option("--run-name", help="Folder name under --logdir [default: lr-find-DATE-TIME]."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """LR range test: sweep the lr exponentially from the config's starting weights.
+
+    One batch per lr value, stopped once the smoothed loss exceeds 4× its best (or is not
+    finite); prints a table and the lr where the smoothed loss falls fastest. Writes
+    TensorBoard scalars lr_find/loss and lr_find/lr to a new folder, never an existing run.
+
+    Example: `cifar-bp lr-find -c configs/article.yaml --steps 100`
+    """
+    from cifar_bp.config import resolve_config
+    from cifar_bp.lrfind import SweepOptions, print_sweep, run_sweep
+
+    flags = flags_of(device=device, batch_size=batch_size, seed=seed, logdir=logdir,
+                     run_name=run_name)  # fmt: skip
+    cfg = resolve_config(config, flags, set_ or [])  # validates --run-name like train does
+    options = SweepOptions(start_lr, end_lr, steps, run_name)
+    print_sweep(run_sweep(cfg, options), json_out)

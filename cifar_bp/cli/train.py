@@ -1,0 +1,164 @@
+"""`train`, `config show` and `evaluate`: the commands that train and score a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cifar_bp.cli.app import (
+    AmpOpt,
+    BatchOpt,
+    ConfigOpt,
+    DeviceOpt,
+    EpochsOpt,
+    JsonOpt,
+    LogdirOpt,
+    LossOpt,
+    LrOpt,
+    ReductionOpt,
+    RunNameOpt,
+    SeedOpt,
+    SetOpt,
+    app,
+    config_app,
+    flags_of,
+)
+
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", metavar="", help="No progress: print only notes, the summary and errors."
+    ),
+]
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    loss: LossOpt = None,
+    reduction: ReductionOpt = None,
+    device: DeviceOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    amp: AmpOpt = None,
+    run_name: RunNameOpt = None,
+    logdir: LogdirOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue a run: a checkpoint, a run directory, or 'auto' (newest run).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            metavar="",
+            help="Resume even where the config, the data or the run folder do not match.",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the reference CNN: forward, loss, backward, optimizer step; logs to TensorBoard.
+
+    Examples:
+
+    * `cifar-bp train --config configs/smoke.yaml --loss mse`
+    * `cifar-bp train --config configs/article.yaml --run-name article`
+    * `cifar-bp train --set optim.name=adam --set optim.lr=3e-3 --set train.ema_decay=0.999`
+    * `cifar-bp train --resume runs/article` (after Ctrl-C: picks up at the same step)
+    """
+    from cifar_bp.distributed import world_from_env
+    from cifar_bp.report import make_reporter, print_run_summary
+    from cifar_bp.resume import prepare_resume
+    from cifar_bp.signals import EXIT_CODES
+    from cifar_bp.trainer import train as run_training
+
+    flags = flags_of(
+        loss=loss, reduction=reduction, device=device, epochs=epochs, batch_size=batch_size,
+        lr=lr, amp=amp, run_name=run_name, logdir=logdir, seed=seed,
+    )  # fmt: skip
+    start = prepare_resume(resume, config, flags, set_ or [], force)
+    reporter = make_reporter(quiet, main=world_from_env().is_main)
+    for note in start.notes:
+        reporter.note(note)
+    try:
+        result = run_training(start.cfg, reporter, start, force)
+    finally:
+        reporter.close()
+    if world_from_env().is_main:
+        print_run_summary(result, quiet)
+    if result.stopped_by:
+        raise typer.Exit(EXIT_CODES[result.stopped_by])
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    loss: LossOpt = None,
+    reduction: ReductionOpt = None,
+    device: DeviceOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    amp: AmpOpt = None,
+    run_name: RunNameOpt = None,
+    logdir: LogdirOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
+    as_given: Annotated[
+        bool,
+        typer.Option(
+            "--as-given", metavar="", help="Keep 'auto' values instead of resolving them."
+        ),
+    ] = False,
+) -> None:
+    """Print the fully resolved config (file, then flags, then --set) as YAML.
+
+    `auto` settings (device, precision, compile) are shown as this machine resolves them,
+    with the reason as a comment at the top; `--as-given` keeps them as written.
+    """
+    from cifar_bp.config import resolve_config
+    from cifar_bp.setup import resolve_auto
+
+    flags = flags_of(
+        loss=loss, reduction=reduction, device=device, epochs=epochs, batch_size=batch_size,
+        lr=lr, amp=amp, run_name=run_name, logdir=logdir, seed=seed,
+    )  # fmt: skip
+    cfg = resolve_config(config, flags, set_ or [])
+    if not as_given:
+        cfg, lines = resolve_auto(cfg)
+        typer.echo("".join(f"# {line}\n" for line in lines), nl=False)
+    typer.echo(cfg.to_yaml(), nl=False)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", help="A last.pt/best.pt or a run directory.")
+    ],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Take the data section from this file.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Data overrides, e.g. --set data.root=/x")
+    ] = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a checkpoint: test loss, accuracy, per-class accuracy and the confusion matrix.
+
+    By default on the data it was trained with; --config/--set choose other data
+    (the model always comes from the checkpoint).
+    """
+    from cifar_bp.evaluation import evaluate_checkpoint
+    from cifar_bp.report import print_evaluation
+
+    outcome = evaluate_checkpoint(checkpoint, config, set_ or [], device)
+    print_evaluation(outcome, json_out)

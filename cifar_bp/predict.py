@@ -1,0 +1,204 @@
+"""`cifar-bp predict`: classify your own pictures with a trained run.
+
+Each image is read with PIL, converted to RGB and resized to 32×32 the way the tutorial's
+course does (torchvision's `Resize((32, 32))`: bilinear with antialiasing, aspect ratio
+not kept), then normalised with the checkpoint's own statistics.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_bp.cifar10 import SIDE
+from cifar_bp.errors import CliError, UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+BATCH = 256  # images per forward pass: bounds memory for a folder of thousands
+
+
+@dataclass
+class Trained:
+    """What a checkpoint offers for inference: the net, its input statistics, its classes."""
+
+    model: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: list[str]
+    averaged: bool  # the weights are the run's moving average
+
+
+def load_trained(path: Path) -> Trained:
+    """The checkpoint's network in eval mode on the CPU, preferring the weight average.
+
+    The one place that knows the checkpoint's layout (predict and export both use it).
+    """
+    from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
+    from cifar_bp.cifar10 import CLASSES, MEAN, STD
+    from cifar_bp.config import ModelConfig
+    from cifar_bp.model import build_model
+
+    payload = load_checkpoint(path)
+    cfg = config_of(payload, path)
+    # channels_last is a training-speed choice; inference here is CPU, one layout is simpler.
+    model_cfg = ModelConfig.model_validate({**cfg.get("model", {}), "channels_last": False})
+    model = build_model(model_cfg, "cpu")
+    load_model_state(model, weights_of(payload), path)
+    data = cfg.get("data", {})
+    if data.get("normalize", True):
+        mean, std = tuple(data.get("mean", MEAN)), tuple(data.get("std", STD))
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    classes = list(payload.get("classes") or CLASSES)
+    return Trained(model.eval(), mean, std, classes, bool(payload.get("average")))
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        top = [{"class": name, "prob": prob} for name, prob in self.top]
+        return {"path": self.path, "top": top, "notes": self.notes}
+
+
+def expand_paths(specs: list[str]) -> list[Prediction | Path]:
+    """Files as given; folders and glob patterns become their images, sorted.
+
+    An argument that yields nothing becomes an error entry, so it is reported in order; a
+    file named twice (say by a folder and a glob) is classified once.
+    """
+    found: list[Prediction | Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            matches = _images_in(path)
+        elif glob.has_magic(spec):
+            matches = sorted(
+                {img for hit in glob.glob(spec) for img in _images_in(Path(hit))}, key=str
+            )
+        else:
+            found.append(Prediction(spec, error="no such file or directory"))
+            continue
+        found.extend(matches or [Prediction(spec, error="matched no images")])
+    if all(isinstance(item, Prediction) for item in found):
+        raise UsageError(f"no image found in {', '.join(specs)}")
+    unique, seen = [], set()
+    for item in found:
+        if isinstance(item, Path):
+            if item.resolve() in seen:
+                continue
+            seen.add(item.resolve())
+        unique.append(item)
+    return unique
+
+
+def _images_in(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
+    if path.is_dir():
+        return sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    return []
+
+
+def read_image(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """uint8 3×32×32 RGB, and what had to be done to get there."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            notes = [] if img.mode == "RGB" else [f"converted {img.mode} to RGB"]
+            rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise CliError(f"{path}: not an image PIL can read") from None
+    except OSError as err:
+        raise CliError(f"{path}: cannot read it: {err.strerror or err}") from None
+    except Exception as err:  # a damaged file can raise almost anything inside PIL
+        raise CliError(f"{path}: cannot decode it: {err}") from None
+    if rgb.size != (SIDE, SIDE):
+        w, h = rgb.size
+        notes.append(f"resized {w}×{h} to {SIDE}×{SIDE}")
+        rgb = rgb.resize((SIDE, SIDE), Image.Resampling.BILINEAR)  # = torchvision Resize
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return pixels.view(SIDE, SIDE, 3).permute(2, 0, 1).contiguous(), notes
+
+
+def preprocess(images: torch.Tensor, trained: Trained) -> torch.Tensor:
+    """uint8 N×3×32×32 → the float input the network was trained on."""
+    mean = torch.tensor(trained.mean).view(1, 3, 1, 1)
+    std = torch.tensor(trained.std).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def probabilities(trained: Trained, images: torch.Tensor) -> torch.Tensor:
+    """Softmax over all classes for uint8 N×3×32×32, in float32, a batch at a time."""
+    chunks = [
+        torch.softmax(trained.model(preprocess(images[i : i + BATCH], trained)).float(), dim=1)
+        for i in range(0, len(images), BATCH)
+    ]
+    return torch.cat(chunks)
+
+
+def predict(specs: list[str], checkpoint: Path, top_k: int) -> list[Prediction]:
+    """One entry per file, in order: its top-k classes, or why it could not be read."""
+    trained = load_trained(checkpoint)
+    if not 1 <= top_k <= len(trained.classes):
+        raise UsageError(f"--top-k must be between 1 and {len(trained.classes)}, got {top_k}")
+    entries = expand_paths(specs)
+    results: list[Prediction] = []
+    readable: list[tuple[Prediction, torch.Tensor]] = []
+    for entry in entries:
+        if isinstance(entry, Prediction):
+            results.append(entry)
+            continue
+        pred = Prediction(str(entry))
+        try:
+            image, pred.notes = read_image(entry)
+            readable.append((pred, image))
+        except CliError as err:
+            pred.error = str(err).removeprefix(f"{entry}: ")
+        results.append(pred)
+    if readable:
+        probs = probabilities(trained, torch.stack([image for _, image in readable]))
+        values, index = probs.topk(top_k, dim=1)
+        for (pred, _), vals, idx in zip(readable, values.tolist(), index.tolist(), strict=True):
+            pred.top = [(trained.classes[i], v) for i, v in zip(idx, vals, strict=True)]
+    return results
+
+
+def print_predictions(results: list[Prediction], json_out: bool) -> bool:
+    """Print the results (errors also on stderr); True when every file was classified."""
+    import json
+
+    import typer
+
+    for pred in results:
+        if pred.error is not None:
+            typer.echo(f"error: {pred.path}: {pred.error}", err=True)
+    if json_out:
+        typer.echo(json.dumps([pred.as_dict() for pred in results], indent=2, ensure_ascii=False))
+    else:
+        for pred in results:
+            if pred.error is None:
+                notes = f"  ({'; '.join(pred.notes)})" if pred.notes else ""
+                typer.echo(f"{pred.path}{notes}")
+                for rank, (name, prob) in enumerate(pred.top, start=1):
+                    typer.echo(f"  {rank}. {name:<12} {prob:6.1%}")
+    return all(pred.error is None for pred in results)

@@ -1,0 +1,155 @@
+"""A run's folder: where it goes, who owns it, and who may write to it right now.
+
+A run folder belongs to one run. `run.json` names the run's id, and every checkpoint carries
+the same id, so a checkpoint copied into another run's folder is noticed before it overwrites
+anything there. While a process trains a run it holds `.lock` (an flock, released by the
+kernel when the process dies, so a lock left by a killed process is never in the way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import IO
+
+from cifar_bp.config import Config
+from cifar_bp.errors import CliError, UsageError
+
+IDENTITY = "run.json"
+LOCK = ".lock"
+NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def default_run_name(cfg: Config) -> str:
+    """What differs between runs first, so the run list reads well; the time keeps it unique."""
+    return f"{cfg.loss.name}-{cfg.loss.reduction}-{cfg.optim.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_logdir(logdir: Path) -> None:
+    try:
+        _check_logdir(logdir)
+    except OSError as err:  # e.g. a path longer than the system allows
+        raise UsageError(f"log.logdir {str(logdir)[:80]}…: {err.strerror or err}") from None
+
+
+def _check_logdir(logdir: Path) -> None:
+    if logdir.exists() and not logdir.is_dir():
+        raise UsageError(f"log.logdir {logdir} is a file, not a directory")
+    probe = logdir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(
+            f"log.logdir {logdir} cannot be created: {probe} is a file, not a directory"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"log.logdir {logdir} cannot be written ({probe} is not writable)")
+
+
+def plan_run_dir(cfg: Config) -> Path:
+    """Where a new run will write. Nothing is created yet: a run that fails its checks
+    before training starts leaves nothing behind."""
+    logdir = Path(cfg.log.logdir)
+    check_logdir(logdir)
+    if cfg.log.run_name:
+        if len(cfg.log.run_name.encode()) > NAME_MAX:
+            raise UsageError(
+                f"log.run_name is {len(cfg.log.run_name)} characters long; a folder name may "
+                f"have at most {NAME_MAX}"
+            )
+        run_dir = logdir / cfg.log.run_name
+        if run_dir.exists():
+            raise UsageError(
+                f"run {run_dir} already exists: choose another --run-name, or continue it "
+                f"with --resume {run_dir}"
+            )
+        return run_dir
+    run_dir, n = logdir / default_run_name(cfg), 1
+    while run_dir.exists():  # two runs started within the same second
+        n += 1
+        run_dir = logdir / f"{default_run_name(cfg)}-{n}"
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, cfg: Config, run_id: str) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_identity(run_dir, run_id)
+    except OSError as err:
+        raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
+
+
+def write_identity(run_dir: Path, run_id: str) -> None:
+    (run_dir / IDENTITY).write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def read_identity(run_dir: Path) -> str | None:
+    try:
+        value = json.loads((run_dir / IDENTITY).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_owner(run_dir: Path, checkpoint: Path, run_id: str | None, force: bool) -> list[str]:
+    """Refuse to resume into a folder that belongs to another run, unless `force`."""
+    owner = read_identity(run_dir)
+    if owner is None or run_id is None or owner == run_id:
+        return []
+    if not force:
+        raise UsageError(
+            f"{checkpoint} belongs to another run than the folder it sits in ({run_dir} is run "
+            f"{owner[:8]}, the checkpoint is from run {run_id[:8]}); resuming would overwrite "
+            f"that run's checkpoints. Copy it into a folder of its own (mkdir NEW && cp "
+            f"{checkpoint} NEW/last.pt) and resume that, or pass --force to adopt this folder"
+        )
+    return [f"--force: {run_dir} now continues run {run_id[:8]} (it held run {owner[:8]})"]
+
+
+class RunLock:
+    """One trainer per run folder at a time: the second is refused, naming the first's pid."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.file = open(self.path, "a+")  # held until __exit__
+        except OSError as err:
+            raise CliError(f"cannot write in {self.path.parent}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(
+                f"run {self.path.parent} is being trained by another process (pid {owner}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.truncate(0)
+            self.file.close()
+            self.file = None

@@ -1,0 +1,143 @@
+"""`cifar-bp predict` on real image files against a real (tiny) trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from cifar_bp.checkpoint import load_checkpoint
+from cifar_bp.config import ModelConfig
+from cifar_bp.model import build_model
+from tests.helpers import SMOKE, Cli
+
+
+def train_tiny_run(logdir: Path) -> Path:
+    """A real run from the real CLI, with normalisation on (so it matters) and a weight
+    average (so choosing it matters)."""
+    result = Cli()(
+        "train", "-c", SMOKE, "--epochs", "1", "--logdir", logdir, "--run-name", "tiny", "-q",
+        "--set", "data.train_size=256", "--set", "data.test_size=64",
+        "--set", "data.normalize=true", "--set", "train.ema_decay=0.9",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return logdir / "tiny"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("runs"))
+
+
+def save(path: Path, size: tuple[int, int], mode: str, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+def predict_json(cli: Cli, run_dir: Path, *args: object):
+    result = cli("predict", *args, "--checkpoint", run_dir, "--json")
+    return result, json.loads(result.stdout)
+
+
+def reference_probs(run_dir: Path, path: Path, weights: str = "average") -> torch.Tensor:
+    """The course's own pipeline (torchvision Resize, ToTensor, Normalize) on a model
+    built here from the checkpoint's tensors: independent of cifar_bp.predict."""
+    payload = load_checkpoint(run_dir)
+    data = payload["config"]["data"]
+    pipeline = transforms.Compose([
+        transforms.Resize((32, 32)), transforms.ToTensor(),
+        transforms.Normalize(data["mean"], data["std"]),
+    ])  # fmt: skip
+    x = pipeline(Image.open(path).convert("RGB"))[None]
+    model = build_model(ModelConfig(channels_last=False))
+    state = payload["average"]["weights"] if weights == "average" else payload["model"]
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return torch.softmax(model.eval()(x), dim=1)[0]
+
+
+def test_sizes_modes_and_a_text_file(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    rgba = save(tmp_path / "wide.png", (64, 48), "RGBA")
+    gray = save(tmp_path / "gray.jpg", (32, 32), "L", seed=1)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture\n")
+    rgb = save(tmp_path / "exact.png", (32, 32), "RGB", seed=2)
+    result, entries = predict_json(cli, run_dir, rgba, gray, text, rgb, "--top-k", "3")
+    assert result.exit_code == 1  # one file failed, the others were still classified
+    assert [e["path"] for e in entries] == [str(p) for p in (rgba, gray, text, rgb)]
+    assert entries[2] == {"path": str(text), "error": "not an image PIL can read"}
+    assert result.stderr.strip().splitlines() == [f"error: {text}: not an image PIL can read"]
+    assert entries[0]["notes"] == ["converted RGBA to RGB", "resized 64×48 to 32×32"]
+    assert entries[1]["notes"] == ["converted L to RGB"]
+    assert entries[3]["notes"] == []
+    classes = load_checkpoint(run_dir)["classes"]
+    for entry in (entries[0], entries[1], entries[3]):
+        probs = [t["prob"] for t in entry["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert all(t["class"] in classes for t in entry["top"])
+
+
+def test_probabilities_are_the_models_own(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    image = save(tmp_path / "big.png", (64, 48), "RGBA", seed=3)
+    result, (entry,) = predict_json(cli, run_dir, image, "--top-k", "10")
+    assert result.exit_code == 0, result.output
+    ours = {t["class"]: t["prob"] for t in entry["top"]}
+    assert sum(ours.values()) == pytest.approx(1.0, abs=1e-5)
+    classes = load_checkpoint(run_dir)["classes"]
+    expected = reference_probs(run_dir, image)
+    got = torch.tensor([ours[name] for name in classes])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert entry["top"][0]["class"] == classes[int(expected.argmax())]
+    # It is the weight average that answered, not the last weights.
+    assert not torch.allclose(got, reference_probs(run_dir, image, "live"), atol=1e-4)
+
+
+def test_folders_and_globs_expand_sorted(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    b, a = save(folder / "b.jpg", (40, 40), "RGB"), save(folder / "a.PNG", (32, 32), "RGB")
+    (folder / "readme.txt").write_text("skipped: not an image extension")
+    (folder / "nested").mkdir()
+    other = tmp_path / "more"
+    other.mkdir()
+    z, y = save(other / "z.png", (32, 32), "L"), save(other / "y.png", (32, 32), "L")
+    save(other / "x.bmp", (32, 32), "RGB")
+    # b.jpg is named twice (by the folder and by itself): classified once.
+    args = (folder, f"{other}/*.png", folder / "b.jpg", "--top-k", "1")
+    result, entries = predict_json(cli, run_dir, *args)
+    assert result.exit_code == 0, result.output
+    assert [e["path"] for e in entries] == [str(p) for p in (a, b, y, z)]
+    assert all(len(e["top"]) == 1 for e in entries)
+
+
+def test_human_output(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    image = save(tmp_path / "photo.png", (50, 30), "RGB")
+    result = cli("predict", image, "--checkpoint", run_dir, "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{image}  (resized 50×30 to 32×32)"
+    assert lines[1].startswith("  1. ") and lines[2].startswith("  2. ") and len(lines) == 3
+    assert lines[1].endswith("%")
+
+
+def test_nothing_matched_and_bad_top_k(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    missing = cli("predict", tmp_path / "nope.png", f"{tmp_path}/*.jpg", "--checkpoint", run_dir)
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith("error: no image found in ")
+    image = save(tmp_path / "ok.png", (32, 32), "RGB")
+    for k in ("0", "11"):
+        bad = cli("predict", image, "--checkpoint", run_dir, "--top-k", k)
+        assert bad.exit_code == 2
+        assert bad.stderr == f"error: --top-k must be between 1 and 10, got {k}\n"
+    # A missing file beside a good one: an entry of its own, exit 1.
+    result, entries = predict_json(cli, run_dir, image, tmp_path / "gone.png")
+    assert result.exit_code == 1
+    assert entries[1] == {"path": str(tmp_path / "gone.png"), "error": "no such file or directory"}

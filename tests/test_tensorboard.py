@@ -1,0 +1,243 @@
+"""What a training run writes for TensorBoard, read back from its event files, and metrics.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from cifar_bp.checkpoint import load_checkpoint
+from cifar_bp.config import resolve_config
+from cifar_bp.data import DeviceLoader, load_dataset
+from cifar_bp.tracking import HPARAM_KEYS, METRIC_TAGS, MetricsCsv, Tracker, pixels_of
+from tests.helpers import SMOKE, only_run, scalars
+
+PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
+          for kind in ("weight", "bias")]  # fmt: skip
+# 256 images in batches of 64: 4 steps an epoch, 2 epochs, a log point every 2 steps.
+SMALL = ["--set", "data.train_size=256", "--set", "data.test_size=128", "--epochs", "2",
+         "--set", "log.every_n_steps=2", "-q"]  # fmt: skip
+EPOCH_ENDS = [4, 8]
+
+
+def accumulator(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0,
+                                                        "histograms": 0, "tensors": 0})  # fmt: skip
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.helpers import Cli
+
+    logdir = tmp_path_factory.mktemp("tb")
+    result = Cli()("train", "--config", SMOKE, "--logdir", logdir, *SMALL)
+    assert result.exit_code == 0, result.stderr
+    run_dir = only_run(logdir)
+    return run_dir, accumulator(run_dir)
+
+
+def test_graph_is_the_reference_net(run):
+    _, acc = run
+    nodes = [node.name for node in acc.Graph().node]
+    for layer in ("conv1", "conv2", "conv3", "linear1", "linear2"):
+        assert any(f"[{layer}]" in name for name in nodes), layer
+    # Traced on one image of the first batch: the input is 1x3x32x32.
+    shapes = [n for n in acc.Graph().node if n.op == "IO Node" and "input" in n.name]
+    dims = [d.size for d in shapes[0].attr["_output_shapes"].list.shape[0].dim]
+    assert dims == [1, 3, 32, 32]
+
+
+def test_weight_histograms_are_the_weights_at_the_epoch_ends(run):
+    run_dir, acc = run
+    for name in PARAMS:
+        assert [e.step for e in acc.Histograms(f"weights/{name}")] == EPOCH_ENDS
+    # The last histograms were taken after the final step: the checkpoint's weights.
+    weights = load_checkpoint(run_dir / "last.pt")["model"]
+    for name in PARAMS:
+        last = acc.Histograms(f"weights/{name}")[-1].histogram_value
+        w = weights[name].double()
+        assert last.num == w.numel()
+        assert last.sum == pytest.approx(w.sum().item(), rel=1e-4, abs=1e-6)
+        assert (last.min, last.max) == pytest.approx((w.min().item(), w.max().item()))
+
+
+def test_gradient_histograms_match_the_logged_norms(run):
+    run_dir, acc = run
+    norms = scalars(run_dir)
+    for name in PARAMS:
+        events = acc.Histograms(f"grads/{name}")
+        assert [e.step for e in events] == EPOCH_ENDS
+        logged = dict(norms[f"grad_norm/{name}"])
+        for event in events:  # the same gradients as the norm at that step
+            h = event.histogram_value
+            assert math.sqrt(h.sum_squares) == pytest.approx(logged[event.step], rel=1e-4)
+
+
+def png(acc, tag):
+    return [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string))))
+            for e in acc.Images(tag)]  # fmt: skip
+
+
+def test_figures_are_logged_when_they_should_be(run):
+    _, acc = run
+    grid = png(acc, "inputs/first_batch")
+    assert [step for step, _ in grid] == [0]
+    assert grid[0][1].shape[2] == 3 and grid[0][1].shape[1] > 600  # a picture, not a stub
+    for tag in ("confusion/test", "gradients/flow"):
+        images = png(acc, tag)
+        assert [step for step, _ in images] == EPOCH_ENDS, tag
+        assert all(img.std() > 10 for _, img in images), tag  # drawn, not blank
+
+
+def test_layout_leads_with_loss_accuracy_and_lr_and_groups_norms_per_layer(run):
+    run_dir, acc = run
+    raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(raw)
+    titles = [c.title for c in layout.category]
+    assert titles[0].startswith("1. loss, accuracy, learning rate")
+    first = [chart.title for chart in layout.category[0].chart]
+    assert first[:3] == ["loss per image (mean and sum runs compare)", "accuracy", "learning rate"]
+    tags = set(scalars(run_dir))
+    norms = {c.title: c.multiline.tag for c in layout.category[1].chart}
+    assert set(norms) >= {"conv1", "conv2", "conv3", "linear1", "linear2"}
+    # Each layer's chart picks up exactly its weight and bias norms.
+    for layer in ("conv1", "conv2", "conv3", "linear1", "linear2"):
+        matched = {t for t in tags for rx in norms[layer] if re.search(rx, t)}
+        assert matched == {f"grad_norm/model1.{layer}.weight", f"grad_norm/model1.{layer}.bias"}
+    per_image = layout.category[0].chart[0].multiline.tag
+    assert {t for t in tags for rx in per_image if re.search(rx, t)} == {
+        "train/loss_per_image", "test/loss"
+    }  # fmt: skip
+
+
+def test_hparams_hold_the_defining_keys_as_numbers_or_text(run):
+    run_dir, acc = run
+    content = acc.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert set(hp) == set(HPARAM_KEYS)
+    assert hp["loss.name"].string_value == "ce" and hp["loss.reduction"].string_value == "mean"
+    assert hp["optim.lr"].number_value == pytest.approx(0.002)
+    assert hp["train.epochs"].number_value == 2
+    assert hp["train.amp"].string_value == "auto"  # text, not 1.0000
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == list(METRIC_TAGS)
+    # The columns read scalars the run logs anyway: no one-point hparam/* cards.
+    assert not [t for t in scalars(run_dir) if t.startswith("hparam/")]
+
+
+def test_metrics_csv_holds_every_scalar_point(run):
+    run_dir, _ = run
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = scalars(run_dir)
+    from_csv: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for tag, value in row.items():
+            if tag not in ("step", "epoch") and value != "":
+                from_csv.setdefault(tag, []).append((int(row["step"]), float(value)))
+    assert set(from_csv) == set(series)
+    for tag, points in series.items():  # TensorBoard keeps float32, the CSV the float64
+        assert [s for s, _ in from_csv[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in from_csv[tag]] == pytest.approx([v for _, v in points], rel=1e-6)
+    # 4 log points and 2 evaluations; the epoch column counts from 1.
+    assert [(r["step"], r["epoch"]) for r in rows] == [
+        ("2", "1"), ("4", "1"), ("4", "1"), ("6", "2"), ("8", "2"), ("8", "2")
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_histograms_off_writes_none_and_every_n_steps_follows_the_setting(cli, tmp_path):
+    base = ["train", "--config", SMOKE, *SMALL, "--epochs", "1"]
+    off = cli(*base, "--logdir", tmp_path / "off", "--set", "log.histograms=false")
+    assert off.exit_code == 0, off.stderr
+    assert accumulator(only_run(tmp_path / "off")).Tags()["histograms"] == []
+    every = cli(*base, "--logdir", tmp_path / "every", "--set", "log.histograms_every_n_steps=1")
+    assert every.exit_code == 0, every.stderr
+    acc = accumulator(only_run(tmp_path / "every"))
+    assert len(acc.Tags()["histograms"]) == 2 * len(PARAMS)
+    assert [e.step for e in acc.Histograms("grads/model1.linear2.bias")] == [1, 2, 3, 4]
+
+
+def test_input_grid_shows_the_pixels_the_net_was_fed():
+    # Evaluation batches are normalized but not augmented: undoing the normalization must
+    # give back the stored pixels.
+    cfg = resolve_config(SMOKE, {}, ["data.normalize=true", "data.train_size=64"])
+    data = load_dataset(cfg.data, 0)
+    loader = DeviceLoader(data.train, cfg.data, 64, torch.device("cpu"), train=False)
+    images, _ = next(iter(loader.epoch(0)))
+    assert images.mean().abs() < 0.5 < images.std()  # normalized, not 0..1
+    pixels = pixels_of(images, cfg) * 255
+    stored = data.train.images[:64].permute(0, 2, 3, 1).float().numpy()
+    assert np.abs(pixels - stored).max() < 0.01
+
+
+def rows_of(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_grows_its_header_and_drops_rows_a_resume_replays(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = MetricsCsv(path, purge_step=1)
+    for step in (2, 4):
+        log.append(step, 1, {"train/loss": 1.0 / step})
+    log.append(4, 1, {"test/accuracy": 0.5})  # a new column: the header grows
+    log.append(6, 2, {"train/loss": 0.1})
+    assert [r["step"] for r in rows_of(path)] == ["2", "4", "4", "6"]
+    assert rows_of(path)[2] == {"step": "4", "epoch": "1", "train/loss": "", "test/accuracy": "0.5"}
+    # A crash left half a line; the checkpoint was at step 4: step 6 is trained again.
+    with path.open("a") as f:
+        f.write("8,2,0.0")
+    resumed = MetricsCsv(path, purge_step=5)
+    resumed.append(6, 2, {"train/loss": 0.2})
+    rows = rows_of(path)
+    assert [(r["step"], r["train/loss"]) for r in rows] == [
+        ("2", "0.5"), ("4", "0.25"), ("4", ""), ("6", "0.2")
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".*.tmp"))  # the rewrite left no temporary behind
+
+
+def test_tracker_on_other_ranks_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a writer given no folder would write ./runs here
+    tracker = Tracker(None, purge_step=1)
+    model = torch.nn.Linear(2, 2)
+    tracker.scalars({"train/loss": 1.0}, 1, 1)
+    tracker.histograms(list(model.named_parameters()), 1)
+    tracker.confusion("test", [[1, 0], [0, 1]], ("a", "b"), 1)
+    tracker.gradient_flow(["weight", "bias"], [0.1, 0.2], [0.3, 0.4], 1)
+    tracker.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_metrics_csv_without_duplicates(cli, tmp_path):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--run-name", "r",
+            *SMALL, "--epochs", "1"]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    path = tmp_path / "r" / "metrics.csv"
+    # As if the process had logged steps 5 and 6 and died before its next checkpoint.
+    with path.open("a") as f:
+        f.write("5,2,0.002,\n6,2,0.002,\n")
+    resumed = cli("train", "--resume", tmp_path / "r", "--epochs", "2", "-q")
+    assert resumed.exit_code == 0, resumed.stderr
+    rows = rows_of(path)
+    assert [(r["step"], r["epoch"]) for r in rows] == [
+        ("2", "1"), ("4", "1"), ("4", "1"), ("6", "2"), ("8", "2"), ("8", "2")
+    ]  # fmt: skip
+    # TensorBoard dropped the same steps: both hold one train/loss per log point.
+    logged = scalars(tmp_path / "r")["train/loss"]
+    kept = [r for r in rows if r["train/loss"]]
+    assert [int(r["step"]) for r in kept] == [step for step, _ in logged] == [2, 4, 6, 8]
+    assert [float(r["train/loss"]) for r in kept] == pytest.approx([v for _, v in logged])
