@@ -13,7 +13,6 @@ import io
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,32 +20,16 @@ import torch
 from torch import nn
 
 from cifar_bp.errors import CliError, UsageError
+from cifar_bp.run import Position
 
 if TYPE_CHECKING:
     from cifar_bp.engine import Machinery, Meters
-    from cifar_bp.setup import Run
+    from cifar_bp.run import Run
 
 FORMAT_VERSION = 2
 REQUIRED = ("format_version", "model", "config", "epoch", "step_in_epoch", "global_step")
 TEMP_PREFIX = "."  # temporary files are `.<name>.tmp-<pid>` beside the checkpoint
 TEMP_MARK = ".tmp-"
-
-
-@dataclass
-class Position:
-    """Completed work: `epoch` epochs, then `step_in_epoch` steps of the next one."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-    def advance(self) -> None:
-        self.step_in_epoch += 1
-        self.global_step += 1
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.step_in_epoch = 0
 
 
 def capture(run: Run) -> dict[str, Any]:

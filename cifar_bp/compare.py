@@ -21,10 +21,10 @@ from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import Config, resolve_config
 from cifar_bp.engine import check_trainable
 from cifar_bp.errors import Diverged, UsageError
+from cifar_bp.hardware import resolve_device, resolve_precision
 from cifar_bp.losses import LOSS_NAMES
 from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, table
-from cifar_bp.setup import resolve_device, resolve_precision
-from cifar_bp.tracking import plan_run_dir
+from cifar_bp.rundir import plan_run_dir
 from cifar_bp.trainer import RunResult
 
 REDUCTION_NAMES = ("mean", "sum")  # `none` cannot train: backward() needs a scalar
@@ -40,7 +40,7 @@ class Plan:
 
 
 @dataclass
-class Outcome:
+class ComparedRun:
     label: str
     cfg: Config
     result: RunResult | None  # None when the run diverged
@@ -154,7 +154,7 @@ def make_compare_reporter(quiet: bool) -> LabelledReporter:
     return LabelledReporter(RichReporter() if sys.stdout.isatty() else PlainReporter())
 
 
-def run_comparison(plan: Plan, reporter: LabelledReporter) -> list[Outcome]:
+def run_comparison(plan: Plan, reporter: LabelledReporter) -> list[ComparedRun]:
     """Train the planned runs one after another; a diverged run becomes an outcome and the
     others still train; stop early only if one was interrupted."""
     from cifar_bp.trainer import train
@@ -164,11 +164,11 @@ def run_comparison(plan: Plan, reporter: LabelledReporter) -> list[Outcome]:
         reporter.start_run(label, index, len(plan.runs))
         started = time.perf_counter()
         try:
-            outcome = Outcome(label, cfg, train(cfg, reporter))
+            outcome = ComparedRun(label, cfg, train(cfg, reporter))
         except Diverged as err:
             # The lesson, not a failure: sum-reduced SGD steps are N times larger.
             reporter.note(f"diverged at step {err.step}: {err}")
-            outcome = Outcome(label, cfg, None, diverged_at=err.step)
+            outcome = ComparedRun(label, cfg, None, diverged_at=err.step)
         outcome.seconds = time.perf_counter() - started
         outcomes.append(outcome)
         if outcome.result is not None and outcome.result.stopped_by:
@@ -180,7 +180,7 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def per_image(outcome: Outcome) -> float | None:
+def per_image(outcome: ComparedRun) -> float | None:
     """The final train loss per image, so mean- and sum-reduced runs compare.
 
     sum adds the batch's N images; mean divides by N (CE) or by the N·C one-hot entries
@@ -195,17 +195,17 @@ def per_image(outcome: Outcome) -> float | None:
     return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
 
 
-def status(outcome: Outcome) -> str:
+def status(outcome: ComparedRun) -> str:
     if outcome.diverged_at is not None:
         return f"diverged at step {outcome.diverged_at}"
     assert outcome.result is not None
     return f"stopped by {outcome.result.stopped_by}" if outcome.result.stopped_by else "finished"
 
 
-def comparison_table(outcomes: list[Outcome]) -> Table:
+def comparison_table(outcomes: list[ComparedRun]) -> Table:
     """Runs as columns, so a run's numbers read top to bottom and runs compare across."""
 
-    def metric(o: Outcome, *keys: str) -> str:
+    def metric(o: ComparedRun, *keys: str) -> str:
         found = o.result.metrics if o.result is not None else {}
         return _g(next((found[k] for k in keys if k in found), None))
 
@@ -227,7 +227,7 @@ def comparison_table(outcomes: list[Outcome]) -> Table:
     return out
 
 
-def per_image_note(outcomes: list[Outcome]) -> str:
+def per_image_note(outcomes: list[ComparedRun]) -> str:
     """How each run's loss was brought to one image, for the reductions in the table."""
     how = []
     if any(o.cfg.loss.reduction == "sum" for o in outcomes):
@@ -240,7 +240,7 @@ def per_image_note(outcomes: list[Outcome]) -> str:
     return "train loss per image: " + "; ".join(how)
 
 
-def comparison_notes(outcomes: list[Outcome]) -> list[str]:
+def comparison_notes(outcomes: list[ComparedRun]) -> list[str]:
     """What to read into the table: how the optimizer treats the loss's scale, and any loss
     setting that is not the plain torch.nn loss."""
     cfg = outcomes[0].cfg
@@ -259,4 +259,23 @@ def comparison_notes(outcomes: list[Outcome]) -> list[str]:
         )
     if cfg.loss.label_smoothing and any(o.cfg.loss.name == "ce" for o in outcomes):
         notes.append(f"ce runs use label_smoothing {cfg.loss.label_smoothing:g} from the config")
+    notes.append(reproducibility_note(cfg))
     return notes
+
+
+def reproducibility_note(cfg: Config) -> str:
+    """Whether 'the same starting point' also means bitwise the same arithmetic here."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        return (
+            "every run starts from the same weights and data order; on this CPU the kernels "
+            "are deterministic, so a rerun of any column is bitwise identical"
+        )
+    if cfg.train.deterministic:
+        return (
+            "same weights and data order; train.deterministic makes each run bitwise reproducible"
+        )
+    return (
+        "same weights and data order, but CUDA's fastest kernels are not bitwise reproducible: "
+        "set train.deterministic=true for bitwise-identical reruns"
+    )

@@ -50,14 +50,6 @@ class Dataset:
                 digest.update(split.images.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    @property
-    def eval_split(self) -> tuple[str, Split]:
-        """What per-epoch evaluation runs on: the test split, else the validation split."""
-        if self.test is not None:
-            return "test", self.test
-        assert self.val is not None
-        return "val", self.val
-
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.source == "synthetic":

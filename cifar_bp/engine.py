@@ -21,7 +21,7 @@ from cifar_bp.config import Config
 from cifar_bp.errors import UsageError
 
 if TYPE_CHECKING:
-    from cifar_bp.setup import Precision
+    from cifar_bp.hardware import Precision
 
 
 @dataclass
@@ -205,9 +205,12 @@ def evaluate(
 
 
 def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:
-    """Weight that turns a batch's loss into a sum over its images."""
-    reduction = getattr(loss_fn, "reduction", None) or loss_fn.criterion.reduction
-    return labels.numel() if reduction == "mean" else 1.0
+    """Weight that turns a batch's loss into a sum over its images: mean divides by the
+    images (CE) or by images × classes (MSE and L1 against one-hot targets)."""
+    criterion = getattr(loss_fn, "criterion", loss_fn)
+    if criterion.reduction != "mean":
+        return 1.0
+    return labels.numel() * getattr(loss_fn, "num_classes", 1)
 
 
 def summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:

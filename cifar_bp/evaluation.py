@@ -6,21 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_bp.checkpoint import load_checkpoint, load_model_state
+from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
 from cifar_bp.config import Config, read_yaml, resolve_config
 from cifar_bp.engine import EvalResult, evaluate
 from cifar_bp.errors import UsageError
+from cifar_bp.hardware import resolve_device, resolve_precision
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
-from cifar_bp.resume import checkpoint_config
-from cifar_bp.setup import resolve_device, resolve_precision
 
 # Only these may differ from the checkpoint's config: the model is the checkpoint's.
 EVAL_KEYS = ("data.", "train.eval_batch_size", "train.eval_flip", "train.device")
 
 
 @dataclass
-class Outcome:
+class Evaluation:
     checkpoint: Path
     classes: list[str]
     results: dict[str, EvalResult]
@@ -48,7 +47,7 @@ def split_dict(result: EvalResult) -> dict[str, Any]:
 def eval_config(
     payload: dict[str, Any], path: Path, config_path: Path | None, sets: list[str]
 ) -> Config:
-    base = checkpoint_config(payload, path)
+    base = config_of(payload, path)
     if config_path is not None:
         base = {**base, "data": read_yaml(config_path).get("data", {})}
     for item in sets:
@@ -61,7 +60,7 @@ def eval_config(
 
 def evaluate_checkpoint(
     path: Path, config_path: Path | None, sets: list[str], device: str | None
-) -> Outcome:
+) -> Evaluation:
     from cifar_bp.data import DeviceLoader, load_dataset
 
     payload = load_checkpoint(path)
@@ -71,8 +70,7 @@ def evaluate_checkpoint(
     dev = resolve_device(cfg.train.device)
     model = build_model(cfg.model, dev)
     # A run that kept a weight average reported the average's accuracy: score the same.
-    average = payload.get("average")
-    load_model_state(model, average["weights"] if average else payload["model"], path)
+    load_model_state(model, weights_of(payload), path)
     data = load_dataset(cfg.data, cfg.train.seed)
     loss_fn = build_loss(cfg.loss).to(dev)
     # The precision the run trained and evaluated with, so the figures match its logs.
@@ -85,4 +83,4 @@ def evaluate_checkpoint(
             results[name] = evaluate(
                 model, loss_fn, loader.epoch(0), precision, cfg.train.eval_flip
             )
-    return Outcome(path, list(data.classes), results)
+    return Evaluation(path, list(data.classes), results)

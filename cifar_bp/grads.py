@@ -18,15 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_bp.checkpoint import load_checkpoint, load_model_state
+from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state
 from cifar_bp.config import Config, LossConfig, ModelConfig, resolve_config
 from cifar_bp.data import Dataset, DeviceLoader, load_dataset, synthetic_split
 from cifar_bp.errors import CliError, UsageError
 from cifar_bp.gradcheck import GradCheck, check_gradients
+from cifar_bp.hardware import resolve_device
 from cifar_bp.losses import LOSS_NAMES, build_loss, elements_averaged
 from cifar_bp.model import build_model
-from cifar_bp.resume import checkpoint_config
-from cifar_bp.setup import resolve_device
 
 CHECKSUM_PARAM = "model1.conv1.weight"
 FALLBACK_IMAGES = 256  # synthetic images generated when the configured data is absent
@@ -134,7 +133,7 @@ def inspect_config(
     if checkpoint is None:
         return resolve_config(path, flags, sets), None
     payload = load_checkpoint(checkpoint)
-    base = None if path is not None else checkpoint_config(payload, checkpoint)
+    base = None if path is not None else config_of(payload, checkpoint)
     return resolve_config(path, flags, sets, base=base), payload
 
 
@@ -176,7 +175,7 @@ def make_model(
         torch.manual_seed(cfg.train.seed)
         return build_model(cfg.model, device), f"fresh (train.seed={cfg.train.seed})"
     # The weights decide the architecture: take the model section from the checkpoint.
-    model_cfg = ModelConfig.model_validate(checkpoint_config(payload, path).get("model", {}))
+    model_cfg = ModelConfig.model_validate(config_of(payload, path).get("model", {}))
     model = build_model(model_cfg, device)
     load_model_state(model, payload["model"], path)
     where = f"epoch {payload['epoch']}, step {payload['global_step']}"

@@ -133,7 +133,8 @@ def build(cfg: Config) -> tuple[Any, Any]:
     """Machinery and training batches exactly as `train` would build them."""
     from cifar_bp.data import DeviceLoader, load_dataset
     from cifar_bp.distributed import World
-    from cifar_bp.setup import build_machinery, pick_device
+    from cifar_bp.hardware import pick_device
+    from cifar_bp.setup import build_machinery
 
     device = pick_device(cfg, World())
     data = load_dataset(cfg.data, cfg.train.seed)

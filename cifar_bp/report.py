@@ -155,6 +155,7 @@ def print_run_summary(result: Any, quiet: bool = False) -> None:
     # Paths as plain lines: a table column would cut them short on a narrow terminal.
     console.print(f"run directory: {result.run_dir}", soft_wrap=True)
     console.print(f"checkpoint:    {result.checkpoint}", soft_wrap=True)
+    console.print(f"TensorBoard:   tensorboard --logdir {result.run_dir.parent}", soft_wrap=True)
     if result.stopped_by:
         launcher = "cifar-bp"
         if result.world_size > 1:  # resume the same way it was launched

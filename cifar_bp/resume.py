@@ -151,9 +151,3 @@ def restart(
     cfg = resolve_config(config_path, flags, sets, base=base, base_origin=str(saved))
     note = f"{folder} has no checkpoint yet (stopped before the first save): starting from scratch"
     return Start(cfg, None, folder, None, [note])
-
-
-def checkpoint_config(payload: dict[str, Any], path: Path) -> dict[str, Any]:  # TEMP alias
-    from cifar_bp.checkpoint import config_of
-
-    return config_of(payload, path)

@@ -32,7 +32,8 @@ def new_run_id() -> str:
 
 def default_run_name(cfg: Config) -> str:
     """What differs between runs first, so the run list reads well; the time keeps it unique."""
-    return f"{cfg.loss.name}-{cfg.loss.reduction}-{cfg.optim.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = f"{cfg.loss.name}-{cfg.loss.reduction}-{cfg.optim.name}-lr{cfg.optim.lr:g}"
+    return f"{what}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_logdir(logdir: Path) -> None:

@@ -1,34 +1,33 @@
-"""Building a run: device, precision, model, optimizer, schedule, loss, weight average, data,
-run folder and tracker.
-
-Everything a training run needs is built here, once, from the resolved `Config`; the
-`auto` settings (device, precision, compile) are turned into concrete choices here too, each
-with the reason it was chosen, so that `train` and `config show` report the same thing.
-"""
+"""Building a run, once, from the resolved `Config`: model, optimizer, schedule, loss,
+weight average, data, run folder and tracker (the device and precision come from
+`hardware.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cifar_bp import checkpoint as ckpt
-from cifar_bp.checkpoint import Position
-from cifar_bp.config import Config, OptimConfig, TrainConfig
-from cifar_bp.data import Dataset, DeviceLoader, load_dataset
+from cifar_bp.config import Config, OptimConfig
+from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World, init_process_group, world_from_env
 from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable
 from cifar_bp.errors import CliError, UsageError
+from cifar_bp.hardware import (
+    make_deterministic,
+    pick_device,
+    resolve_compile,
+    resolve_precision,
+)
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
 from cifar_bp.resume import Start, check_resume_data
+from cifar_bp.run import Position, Run
 from cifar_bp.rundir import (
     RunLock,
     check_owner,
@@ -39,169 +38,19 @@ from cifar_bp.rundir import (
 )
 from cifar_bp.tracking import Tracker
 
-# cuBLAS needs a fixed workspace to be deterministic (see torch.use_deterministic_algorithms).
-CUBLAS_WORKSPACE = ":4096:8"
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"train.device={spec}: CUDA is not available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"train.device={spec}: only {torch.cuda.device_count()} CUDA device(s) present"
-            )
-    return device
-
-
-def pick_device(cfg: Config, world: World) -> torch.device:
-    device = resolve_device(cfg.train.device)
-    if world.active and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)  # one GPU per local rank
-    return device
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the hardware does natively; tests pass fakes to cover every machine."""
-
-    cuda_bf16: bool
-    cpu_bf16: bool
-
-    @classmethod
-    def detect(cls, device: torch.device | None = None) -> Capabilities:
-        """The CUDA answer is for `device` (the current GPU if None), and only asked when it
-        is a GPU: a CPU run must not initialise CUDA."""
-        cuda = False
-        if device is None or device.type == "cuda":
-            # Tensor cores with bf16 arrived with compute capability 8.0 (Ampere); older
-            # GPUs report bf16 as supported through emulation, which is slower than float16.
-            cuda = torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-        return cls(cuda_bf16=cuda, cpu_bf16=bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}))
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The autocast dtype (None: plain float32), whether a GradScaler runs, and why."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: bool
-    reason: str
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @property
-    def name(self) -> str:
-        return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
-
-    def describe(self) -> str:
-        what = "float32" if self.dtype is None else f"{self.name} autocast"
-        return f"precision: {what}{' + GradScaler' * self.scaler} ({self.reason})"
-
-
-def resolve_precision(
-    cfg: TrainConfig, device: torch.device, caps: Capabilities | None = None
-) -> Precision:
-    """`train.amp` auto/true/false and `train.amp_dtype` auto/bfloat16/float16, resolved.
-
-    auto: bfloat16 on a GPU that supports it, else float16 with a GradScaler; on the CPU,
-    bfloat16 only where the CPU computes it natively (emulated bf16 is slower than float32).
-    """
-    cuda = device.type == "cuda"
-    where = "CUDA" if cuda else "CPU"
-    if cfg.amp is False:
-        return _precision(cfg, device, None, f"{where}, train.amp false")
-    if cfg.amp_dtype == "float16" and not cuda:
-        raise UsageError(
-            "train.amp_dtype=float16 needs CUDA (the CPU has no float16 autocast for training): "
-            "use bfloat16, or train.amp=false"
-        )
-    if cfg.amp_dtype != "auto":
-        dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-        return _precision(cfg, device, dtype, f"{where}, train.amp_dtype {cfg.amp_dtype}")
-    caps = caps or Capabilities.detect(device)
-    if cuda:
-        native = caps.cuda_bf16
-        dtype = torch.bfloat16 if native else torch.float16
-        why = "GPU supports bf16" if native else "GPU lacks bf16"
-    elif cfg.amp is True or caps.cpu_bf16:
-        dtype = torch.bfloat16
-        why = "native bf16" if caps.cpu_bf16 else "no native bf16, forced by train.amp true"
-    else:
-        return _precision(cfg, device, None, "CPU without native bf16, auto")
-    return _precision(
-        cfg, device, dtype, f"{where}, {why}, {'auto' if cfg.amp == 'auto' else 'amp on'}"
-    )
-
-
-def _precision(
-    cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, reason: str
-) -> Precision:
-    # float16's narrow range needs loss scaling; bfloat16 has float32's exponent range.
-    scaler = cfg.grad_scaler is True or (cfg.grad_scaler == "auto" and dtype == torch.float16)
-    return Precision(device, dtype, scaler, reason)
-
-
-def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str]:
-    """`train.compile` auto: on for CUDA (kernel fusion pays there), off on the CPU, where
-    compiling this net measured no gain (see the README's speed table)."""
-    if cfg.compile != "auto":
-        return bool(cfg.compile), f"train.compile {str(cfg.compile).lower()}"
-    if device.type == "cuda":
-        return True, "CUDA, auto"
-    return False, "CPU, auto"
-
-
-def make_deterministic(device: torch.device) -> None:
-    """Bitwise-reproducible kernels (`train.deterministic`), at some cost in speed on CUDA."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_auto(cfg: Config, world: World | None = None) -> tuple[Config, list[str]]:
-    """The config with every `auto` replaced by what this machine gets, and why (one line
-    each): what `config show` prints and what `train` announces."""
-    device = pick_device(cfg, world or World())
-    precision = resolve_precision(cfg.train, device)
-    compiled, compile_why = resolve_compile(cfg.train, device)
-    train = cfg.train.model_copy(
-        update={"device": str(device), "amp": precision.dtype is not None,
-                "amp_dtype": precision.name if precision.dtype is not None else cfg.train.amp_dtype,
-                "grad_scaler": precision.scaler, "compile": compiled}
-    )  # fmt: skip
-    lines = [f"device: {device}", precision.describe(), f"compile: {compiled} ({compile_why})"]
-    return cfg.model_copy(update={"train": train}), lines
-
 
 def build_optimizer(
     cfg: OptimConfig, named: list[tuple[str, nn.Parameter]]
 ) -> torch.optim.Optimizer:
     """The optimizer; a value torch.optim rejects is reported as the config key's fault."""
     params = [p for _, p in named]
+    # On CUDA the fused kernels also let GradScaler skip its per-step read-back of found-inf.
+    fused = bool(params) and params[0].is_cuda
     make: Callable[[], torch.optim.Optimizer]
     if cfg.name == "sgd":
         make = lambda: torch.optim.SGD(  # noqa: E731
             params, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay, fused=fused or None,
         )  # fmt: skip
     elif cfg.name == "muon":
         from cifar_bp.muon import Muon, muon_groups
@@ -211,7 +60,9 @@ def build_optimizer(
         )
     else:
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        make = lambda: cls(params, cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)  # noqa: E731
+        make = lambda: cls(  # noqa: E731
+            params, cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     try:
         return make()
     except (ValueError, TypeError, RuntimeError) as err:
@@ -221,12 +72,15 @@ def build_optimizer(
 def build_scheduler(
     cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Schedules step once per batch, over the whole run."""
+    """Schedules step once per batch, over the whole run (a run under 4 steps keeps its lr)."""
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if cfg.scheduler == "onecycle":
+    if cfg.scheduler == "onecycle" and total_steps >= 4:
+        # Each phase needs more than one step (OneCycleLR divides by its length), which a
+        # tiny run's warm-up fraction may not give: widen it to the least that works.
+        pct = min(max(cfg.warmup_pct, 1.5 / total_steps), 1 - 1.5 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_pct,
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct,
             cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0,
         )  # fmt: skip
     return None
@@ -263,28 +117,6 @@ def build_machinery(cfg: Config, device: torch.device, world: World, steps: int)
         params=[p for _, p in named],
         average=WeightAverage(model, decay) if decay is not None else None,
     )
-
-
-@dataclass
-class Run:
-    """Everything a training run holds between steps; built once, by `build_run`."""
-
-    cfg: Config
-    world: World
-    data: Dataset
-    data_identity: str
-    m: Machinery
-    train_loader: DeviceLoader
-    tracker: Tracker
-    run_dir: Path
-    run_id: str
-    names: list[str]  # parameter names, in the order of m.params
-    pos: Position
-    meters: Meters
-    lock: contextlib.AbstractContextManager
-    best: float = -math.inf
-    elapsed: float = 0.0  # training seconds over all sessions of this run
-    resumed: bool = False
 
 
 def build_run(cfg: Config, start: Start, force: bool = False) -> Run:

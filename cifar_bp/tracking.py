@@ -20,9 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from cifar_bp.config import Config
 
-# Still imported from here by older callers; the run folder now lives in rundir.
-from cifar_bp.rundir import plan_run_dir  # noqa: F401
-
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -92,9 +89,16 @@ class Tracker:
         if self.writer is None:
             return
         for name, param in named_params:
-            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), step)
+            self._histogram(f"weights/{name}", param.detach(), step)
             if param.grad is not None:
-                self.writer.add_histogram(f"grads/{name}", param.grad.float().cpu(), step)
+                self._histogram(f"grads/{name}", param.grad, step)
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        assert self.writer is not None
+        # TensorBoard's bins end near ±1e20: values past them (a run blowing up) have no
+        # histogram, and the health check, not the logger, is what stops such a run.
+        with contextlib.suppress(ValueError):
+            self.writer.add_histogram(tag, values.float().cpu(), step)
 
     def gradient_flow(
         self, names: Sequence[str], mean_abs: Sequence[float], max_abs: Sequence[float], step: int

@@ -22,7 +22,8 @@ from cifar_bp.data import DeviceLoader, Split
 from cifar_bp.engine import evaluate, train_step
 from cifar_bp.errors import Diverged
 from cifar_bp.resume import Start
-from cifar_bp.setup import Run, build_run
+from cifar_bp.run import Run
+from cifar_bp.setup import build_run
 from cifar_bp.signals import StopRequest
 
 SUMMED = ("loss_sum", "steps", "seen", "correct")  # meters added up over DDP ranks

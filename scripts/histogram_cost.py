@@ -23,7 +23,8 @@ from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, train_step
-from cifar_bp.setup import build_machinery, pick_device
+from cifar_bp.hardware import pick_device
+from cifar_bp.setup import build_machinery
 from cifar_bp.tracking import Tracker
 
 CIFAR_TRAIN_IMAGES = 50_000

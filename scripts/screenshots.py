@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +33,20 @@ BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1400, 1000)
 TERMINAL_COLUMNS = 110
+Click = tuple[int, int, int]  # x, y, number of clicks
 # page file name -> TensorBoard URL fragment (and query) for that dashboard
+# Double-clicks that open ReferenceNet, then its Sequential, then "Fit to screen": the
+# Graphs page shows the tutorial's layers instead of one collapsed box.
+OPEN_GRAPH = [(440, 261, 2), (458, 382, 2), (104, 144, 1)]
+# picture -> (TensorBoard URL fragment and query, window size, clicks (x, y, count) to make)
 PAGES = {
-    "tensorboard-time-series": ("?tagFilter=%5E%28train%7Ctest%29%2F#timeseries", WINDOW),
-    "tensorboard-custom-scalars": ("#custom_scalars", WINDOW),
-    "tensorboard-scalars": ("#scalars", WINDOW),
-    "tensorboard-images": ("#images", WINDOW),
-    "tensorboard-histograms": ("#histograms", WINDOW),
-    "tensorboard-graphs": ("#graphs", WINDOW),
-    "tensorboard-hparams": ("#hparams", (1800, 700)),  # wide: the metric columns too
+    "tensorboard-time-series": ("?tagFilter=%5E%28train%7Ctest%29%2F#timeseries", WINDOW, []),
+    "tensorboard-custom-scalars": ("#custom_scalars", WINDOW, []),
+    "tensorboard-scalars": ("#scalars", WINDOW, []),
+    "tensorboard-images": ("#images", WINDOW, []),
+    "tensorboard-histograms": ("#histograms", WINDOW, []),
+    "tensorboard-graphs": ("#graphs", WINDOW, OPEN_GRAPH),
+    "tensorboard-hparams": ("#hparams", (1800, 700), []),  # wide: the metric columns too
 }
 TERMINALS = {
     "terminal-losses": ["losses"],
@@ -70,8 +76,8 @@ def main() -> int:
             browser.settle()
             settings = json.dumps(json.dumps(TB_SETTINGS))
             browser.evaluate(f"localStorage.setItem('_tb_global_settings', {settings})")
-            for name, (fragment, size) in PAGES.items():
-                browser.shoot(f"{base}/{fragment}", args.out / f"{name}.png", size)
+            for name, (fragment, size, clicks) in PAGES.items():
+                browser.shoot(f"{base}/{fragment}", args.out / f"{name}.png", size, clicks)
     finally:
         browser.close()
         if args.keep_logdir:
@@ -189,14 +195,26 @@ class Browser:
         result = self.page("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
-    def shoot(self, url: str, png: Path, size: tuple[int, int]) -> None:
+    def shoot(
+        self, url: str, png: Path, size: tuple[int, int], clicks: Sequence[Click] = ()
+    ) -> None:
         self.page("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1],
                   deviceScaleFactor=1, mobile=False)  # fmt: skip
         self.page("Page.navigate", url=url)
         self.settle()
+        for x, y, count in clicks:
+            self.click(x, y, count)
+            self.settle()
         data = self.page("Page.captureScreenshot", format="png")["data"]
         png.write_bytes(base64.b64decode(data))
         print(f"wrote {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+
+    def click(self, x: int, y: int, count: int) -> None:
+        """A real mouse click (count 2: a double-click), as the page's handlers expect."""
+        for n in range(1, count + 1):
+            for kind in ("mousePressed", "mouseReleased"):
+                self.page("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                          clickCount=n)  # fmt: skip
 
     def settle(self, quiet_s: float = 2.5, limit_s: float = 60) -> None:
         """Wait until the page has loaded and made no new request for `quiet_s` (the

@@ -11,9 +11,9 @@ from cifar_bp.checkpoint import load_checkpoint
 from cifar_bp.config import Config, LossConfig, ModelConfig
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.engine import WeightAverage, evaluate
+from cifar_bp.hardware import Precision
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
-from cifar_bp.setup import Precision
 from tests.helpers import SMOKE, scalars
 
 

@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from cifar_bp.benchmark import print_benchmark
+from cifar_bp.benchmark.check import parse as check_args
+from cifar_bp.benchmark.check import sync_verdict, train_epochs
 from cifar_bp.benchmark.loops import EngineLoop
 from cifar_bp.benchmark.variants import Variant, catalogue, choose, step_cost
 from cifar_bp.config import resolve_config
 from cifar_bp.data import synthetic_split
 from cifar_bp.errors import UsageError
+from cifar_bp.hardware import resolve_precision
 from cifar_bp.model import ReferenceNet
-from cifar_bp.setup import resolve_precision
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow
@@ -95,7 +98,8 @@ def test_variant_overrides_are_valid_train_settings():
                     "muon",
                 )
                 continue
-            assert cfg.train.amp == (variant.amp_dtype is not None)
+            auto = variant.amp_dtype == "auto"  # (c) on the CPU: bf16 where it is native
+            assert cfg.train.amp == ("auto" if auto else variant.amp_dtype is not None)
             # The tutorial's optimizer, so (a), (b) and (c) do the same arithmetic per step.
             assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scheduler) == ("sgd", 0.01, "none")
             assert cfg.train.ema_decay is None
@@ -131,3 +135,45 @@ def test_sync_check_counts_syncs_inside_the_step_only(monkeypatch):
 def test_help_does_not_import_torch():
     code = "import sys, cifar_bp.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpu_check_lists_every_missing_package_before_running(tmp_path):
+    # An interpreter without site-packages stands in for a GPU machine's bare Python.
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(bare), "DEVICE": "cpu"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "missing packages" in result.stderr and "nothing was run" in result.stderr
+    for package in ("torch", "pydantic", "pyyaml", "rich", "tensorboard"):
+        assert package in result.stderr
+    assert "Training throughput" not in result.stdout
+
+
+def fake_report(settings: str, syncs: int) -> dict:
+    variant = {"host_syncs": syncs, "sync_steps": 20, "settings": settings, "first_sync": "x:1"}
+    return {"device": "cuda", "variants": {"c": variant}}
+
+
+def test_gpu_check_fails_on_a_sync_inside_the_step_unless_gradscaler(capsys):
+    assert sync_verdict(fake_report("bf16 NHWC engine", 0)) == 0
+    assert "sync check passed" in capsys.readouterr().out
+    assert sync_verdict(fake_report("bf16 NHWC engine", 3)) == 1
+    assert "HOST SYNC INSIDE THE STEP: (c) 3 syncs in 20 steps, first at x:1" in (
+        capsys.readouterr().err
+    )
+    assert sync_verdict(fake_report("fp16+scaler NHWC engine", 20)) == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_times_train_epochs_with_their_evaluation():
+    args = check_args(["--train-size", "256", "--test-size", "64", "--train-epochs", "2"])
+    t = train_epochs(torch.device("cpu"), 64, args)
+    assert t["batch_size"] == 64 and t["settings"].endswith("NHWC muon (auto)")
+    assert t["epoch_with_eval_s"] > 256 / t["images_per_s"] > 0  # evaluation takes time too
+    assert t["wall_s"] > t["first_epoch_s"] + t["epoch_with_eval_s"]
+    assert 0 <= t["test_accuracy"] <= 1

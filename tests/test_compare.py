@@ -118,6 +118,8 @@ def test_same_seed_gives_the_same_final_loss(comparison, cli, tmp_path):
                 "--logdir", tmp_path, "--run-name", "again", "-q")  # fmt: skip
     assert again.exit_code == 0, again.stderr
     assert "[ce-sum]" not in again.stdout  # --quiet: only the table
+    # The table's promise, held to: on the CPU a rerun is bitwise identical.
+    assert "a rerun of any column is bitwise identical" in " ".join(again.stdout.split())
     for label in ("ce-sum", "l1-sum"):
         a, b = scalars(first / label), scalars(tmp_path / "again" / label)
         assert a["train/loss"] == b["train/loss"], label

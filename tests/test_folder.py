@@ -175,7 +175,7 @@ def test_test_folder_labels_follow_train_class_order(tmp_path):
 def test_no_test_folder_means_validation_with_a_note(tmp_path):
     make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=5)
     data = load_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=4))
-    assert data.test is None and data.eval_split[0] == "val"
+    assert data.test is None and data.val is not None
     assert len(data.val) == 4 and len(data.train) == 6
     assert any("no test/ folder" in n and "validation split" in n for n in data.notes)
     with pytest.raises(UsageError, match=r"data\.val_size"):

@@ -12,7 +12,8 @@ from cifar_bp.cli import app
 from cifar_bp.config import resolve_config
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, grad_norms, train_step
-from cifar_bp.setup import build_machinery, pick_device
+from cifar_bp.hardware import pick_device
+from cifar_bp.setup import build_machinery
 from tests.helpers import SMOKE, only_run, scalars
 
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")

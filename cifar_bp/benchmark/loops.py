@@ -20,8 +20,9 @@ from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, Split
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, train_step
+from cifar_bp.hardware import pick_device, resolve_compile
 from cifar_bp.model import ReferenceNet
-from cifar_bp.setup import build_machinery, pick_device, resolve_compile
+from cifar_bp.setup import build_machinery
 
 SYNC_STEPS = 20  # steps watched for host syncs after the timed epochs (CUDA, --sync-debug)
 

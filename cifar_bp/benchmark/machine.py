@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cifar_bp.setup import Capabilities, cpu_flags
+from cifar_bp.hardware import Capabilities, cpu_flags
 
 PEAK_SIDE = 2048  # the matrices' side: large enough for the BLAS's best blocking
 SAMPLES_PER_TURN = 5  # a turn takes about as long as a few of the variants' steps

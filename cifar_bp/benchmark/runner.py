@@ -27,8 +27,8 @@ from cifar_bp.benchmark.machine import PeakLoop, environment, peak_dtypes
 from cifar_bp.benchmark.variants import Variant, choose, step_cost
 from cifar_bp.data import synthetic_split
 from cifar_bp.errors import CliError, UsageError
+from cifar_bp.hardware import resolve_device
 from cifar_bp.model import ReferenceNet
-from cifar_bp.setup import resolve_device
 
 # Images per variant when --images is not given: enough for several seconds per timed epoch.
 DEFAULT_IMAGES = {"cpu": 4096, "cuda": 16384}

@@ -81,6 +81,10 @@ def inspect_grads(
     """
     from cifar_bp import grads, grads_view
 
+    if logdir is not None:  # a bad --logdir is found before the work, not after it
+        from cifar_bp.rundir import check_logdir
+
+        check_logdir(logdir)
     flags = flags_of(reduction=reduction, batch_size=batch_size, seed=seed, device=device)
     cfg, payload = grads.inspect_config(config, flags, set_ or [], checkpoint)
     losses = grads.loss_names(loss) if loss is not None else [cfg.loss.name]

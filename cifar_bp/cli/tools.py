@@ -39,10 +39,11 @@ def bench(
         typer.Option(
             "--variants",
             help=(
-                "a tutorial loop, b engine, c fastest; search: nchw,bs256,bs1024,bf16,fp16,compile."
+                "a tutorial loop, b engine, c fastest, d default train; search: nchw, bf16, "
+                "fp16, compile; KEY@N runs a variant at batch N (e.g. b@256)."
             ),
         ),
-    ] = "a,b,c",
+    ] = "a,b,c,d",
     compile_: Annotated[
         bool, typer.Option("--compile", metavar="", help="Add torch.compile to (c).")
     ] = False,

@@ -125,7 +125,7 @@ def config_show(
     with the reason as a comment at the top; `--as-given` keeps them as written.
     """
     from cifar_bp.config import resolve_config
-    from cifar_bp.setup import resolve_auto
+    from cifar_bp.hardware import resolve_auto
 
     flags = flags_of(
         loss=loss, reduction=reduction, device=device, epochs=epochs, batch_size=batch_size,
