@@ -31,7 +31,8 @@ RECIPES = {
     "default": ("configs/default.yaml", []),
     # The 4-epoch recipe that fits about 4 minutes on a 2-core CPU.
     "quick": ("configs/quick.yaml", []),
-    "default+relu": ("configs/default.yaml", ["model.activation=relu"]),
+    # Beyond the tutorial: a ReLU after each conv and linear1, on the 4-epoch recipe.
+    "quick+relu": ("configs/quick.yaml", ["model.activation=relu"]),
 }
 # Columns of the printed table, after the recipe name and the epoch count.
 ACCURACIES = ("val_accuracy", "live_accuracy", "best_val_accuracy")
@@ -47,12 +48,12 @@ def unpack(archive: Path, workdir: Path) -> Path:
     return root
 
 
-def train(name: str, data_root: Path, workdir: Path) -> dict[str, float]:
+def train(name: str, data_root: Path, workdir: Path, more: list[str]) -> dict[str, float]:
     config, extra = RECIPES[name]
     logdir = workdir / "runs"
     run_name = f"{name.replace('+', '-')}-{time.strftime('%H%M%S')}"
     sets = ["data.source=folder", f"data.root={data_root}", "data.val_size=5000",
-            f"data.cache_dir={workdir / 'cache'}", "train.device=cpu", *extra]  # fmt: skip
+            f"data.cache_dir={workdir / 'cache'}", "train.device=cpu", *extra, *more]  # fmt: skip
     cmd = [sys.executable, "-m", "cifar_bp", "train", "--config", str(ROOT / config), "-q",
            "--logdir", str(logdir), "--run-name", run_name]  # fmt: skip
     for item in sets:
@@ -93,13 +94,17 @@ def main() -> None:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cifar-bp-accuracy"
     )
     parser.add_argument("--only", default=",".join(RECIPES), help="comma-separated recipes")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[],
+        help="an extra --set for every recipe, e.g. train.amp=false (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_root = args.root or unpack(args.archive, args.workdir)
     rows = []
     for name in args.only.split(","):
         print(f"training {name} ...", flush=True)
-        rows.append((name, train(name, data_root, args.workdir)))
+        rows.append((name, train(name, data_root, args.workdir, args.sets)))
     columns = ("recipe", "epochs", "val acc", "live", "best", "train s", "wall s")
     print("\n" + f"{columns[0]:<14}" + "".join(f"{c:>9}" for c in columns[1:]))
     for name, r in rows:

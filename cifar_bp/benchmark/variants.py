@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cifar_bp.config import TrainConfig
 from cifar_bp.errors import UsageError
 
 TUTORIAL_BATCH = 64  # images per step in the tutorial's DataLoader
@@ -76,7 +77,14 @@ def catalogue(device_type: str, compile_fast: bool = False) -> dict[str, Variant
         "a": Variant("a", "tutorial loop", engine=False, channels_last=False),
         "b": Variant("b", "engine as in the tutorial"),
         "c": replace(fast, compile=fast.compile or compile_fast),
-        "d": Variant("d", "default train", amp_dtype="auto", compile="auto", tutorial_optim=False),
+        "d": Variant(
+            "d",
+            "default train",
+            batch_size=TrainConfig().batch_size,
+            amp_dtype="auto",
+            compile="auto",
+            tutorial_optim=False,
+        ),
         "nchw": Variant("nchw", "(b) in NCHW", channels_last=False),
         "bs256": Variant("bs256", "(b) at batch 256", batch_size=256),
         "bs1024": Variant("bs1024", "(b) at batch 1024", batch_size=1024),
