@@ -9,8 +9,11 @@ Ctrl-C/SIGTERM after saving a checkpoint. torch is imported inside the commands,
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -149,6 +152,37 @@ SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Seed for weights, data order and augmentation.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")]
+
+
+# The flags that set config keys (config.FLAG_KEYS), declared once: `train` and `config show`
+# both take exactly these, through `with_run_flags`.
+RUN_FLAGS: dict[str, Any] = {
+    "loss": LossOpt, "reduction": ReductionOpt, "device": DeviceOpt, "epochs": EpochsOpt,
+    "batch_size": BatchOpt, "lr": LrOpt, "amp": AmpOpt, "run_name": RunNameOpt,
+    "logdir": LogdirOpt, "seed": SeedOpt,
+}  # fmt: skip
+
+
+def with_run_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` the RUN_FLAGS options after its `--config`; it receives the ones the
+    user gave as one dict, `flags`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in RUN_FLAGS.items()
+    ]
+    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name != "flags"]
+    at = 1 if kept and kept[0].name == "config" else 0  # right after --config in --help
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        flags = flags_of(**{name: kwargs.pop(name) for name in RUN_FLAGS})
+        return command(flags=flags, **kwargs)
+
+    params = [*kept[:at], *added, *kept[at:]]
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 def flags_of(**named: Any) -> dict[str, Any]:

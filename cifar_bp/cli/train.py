@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cifar_bp.cli.app import (
-    AmpOpt,
-    BatchOpt,
-    ConfigOpt,
-    DeviceOpt,
-    EpochsOpt,
-    JsonOpt,
-    LogdirOpt,
-    LossOpt,
-    LrOpt,
-    ReductionOpt,
-    RunNameOpt,
-    SeedOpt,
-    SetOpt,
-    app,
-    config_app,
-    flags_of,
-)
+from cifar_bp.cli.app import ConfigOpt, DeviceOpt, JsonOpt, SetOpt, app, config_app, with_run_flags
 
 QuietOpt = Annotated[
     bool,
@@ -35,18 +18,10 @@ QuietOpt = Annotated[
 
 
 @app.command()
+@with_run_flags
 def train(
+    flags: dict[str, Any],
     config: ConfigOpt = None,
-    loss: LossOpt = None,
-    reduction: ReductionOpt = None,
-    device: DeviceOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    amp: AmpOpt = None,
-    run_name: RunNameOpt = None,
-    logdir: LogdirOpt = None,
-    seed: SeedOpt = None,
     set_: SetOpt = None,
     resume: Annotated[
         str | None,
@@ -80,10 +55,6 @@ def train(
     from cifar_bp.signals import EXIT_CODES
     from cifar_bp.trainer import train as run_training
 
-    flags = flags_of(
-        loss=loss, reduction=reduction, device=device, epochs=epochs, batch_size=batch_size,
-        lr=lr, amp=amp, run_name=run_name, logdir=logdir, seed=seed,
-    )  # fmt: skip
     start = prepare_resume(resume, config, flags, set_ or [], force)
     reporter = make_reporter(quiet, main=world_from_env().is_main)
     for note in start.notes:
@@ -99,18 +70,10 @@ def train(
 
 
 @config_app.command("show")
+@with_run_flags
 def config_show(
+    flags: dict[str, Any],
     config: ConfigOpt = None,
-    loss: LossOpt = None,
-    reduction: ReductionOpt = None,
-    device: DeviceOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    amp: AmpOpt = None,
-    run_name: RunNameOpt = None,
-    logdir: LogdirOpt = None,
-    seed: SeedOpt = None,
     set_: SetOpt = None,
     as_given: Annotated[
         bool,
@@ -127,10 +90,6 @@ def config_show(
     from cifar_bp.config import resolve_config
     from cifar_bp.hardware import resolve_auto
 
-    flags = flags_of(
-        loss=loss, reduction=reduction, device=device, epochs=epochs, batch_size=batch_size,
-        lr=lr, amp=amp, run_name=run_name, logdir=logdir, seed=seed,
-    )  # fmt: skip
     cfg = resolve_config(config, flags, set_ or [])
     if not as_given:
         cfg, lines = resolve_auto(cfg)
