@@ -138,8 +138,10 @@ def _precision(
 
 
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str]:
-    """`train.compile` auto: on for CUDA (kernel fusion pays there), off on the CPU, where
-    compiling this net measured no gain (see the README's speed table)."""
+    """`train.compile` auto: on for CUDA, where fusing this small net's many short kernels
+    is expected to pay (benchmarks/gpu_check.sh measures it; no GPU has run it yet); off on
+    the CPU, where compiling it measured no gain (docs/experiments.md; `cifar-bp bench
+    --variants b,compile` measures it again)."""
     if cfg.compile != "auto":
         return bool(cfg.compile), f"train.compile {str(cfg.compile).lower()}"
     if device.type == "cuda":

@@ -3,8 +3,8 @@
 Muon (Keller Jordan, 2024) takes the momentum of a weight matrix's gradient and replaces it
 by the nearest semi-orthogonal matrix before stepping: every direction the momentum points
 in moves by the same amount, so directions that the gradient pushes only weakly learn as
-fast as the dominant ones. It drives configs/default.yaml; the README's accuracy section
-compares it with Adam on this network.
+fast as the dominant ones. It drives configs/default.yaml (docs/experiments.md has the
+trials that chose it).
 
 A conv filter bank is treated as an (out_channels, in_channels * k * k) matrix. Biases and
 the classifier (the last layer, whose rows are the classes) keep Adam, as is usual for Muon.
