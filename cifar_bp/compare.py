@@ -22,7 +22,7 @@ from cifar_bp.config import Config, resolve_config
 from cifar_bp.engine import check_trainable
 from cifar_bp.errors import Diverged, UsageError
 from cifar_bp.hardware import resolve_device, resolve_precision
-from cifar_bp.losses import LOSS_NAMES
+from cifar_bp.losses import LOSS_NAMES, per_image
 from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, table
 from cifar_bp.rundir import plan_run_dir
 from cifar_bp.trainer import RunResult
@@ -180,19 +180,12 @@ def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def per_image(outcome: ComparedRun) -> float | None:
-    """The final train loss per image, so mean- and sum-reduced runs compare.
-
-    sum adds the batch's N images; mean divides by N (CE) or by the N·C one-hot entries
-    (MSE, L1: see losses.elements_averaged), so mean × C is per image there.
-    """
+def final_loss_per_image(outcome: ComparedRun) -> float | None:
+    """The final train loss per image (`losses.per_image`), so mean and sum runs compare."""
     loss = outcome.result.final_loss if outcome.result is not None else None
     if loss is None:
         return None
-    cfg = outcome.cfg.loss
-    if cfg.reduction == "sum":
-        return loss / outcome.cfg.train.batch_size
-    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
+    return per_image(loss, outcome.cfg.loss, outcome.cfg.train.batch_size)
 
 
 def status(outcome: ComparedRun) -> str:
@@ -211,7 +204,7 @@ def comparison_table(outcomes: list[ComparedRun]) -> Table:
 
     rows: list[tuple[Any, ...]] = [
         ("status", *(status(o) for o in outcomes)),
-        ("train loss per image", *(_g(per_image(o)) for o in outcomes)),
+        ("train loss per image", *(_g(final_loss_per_image(o)) for o in outcomes)),
         ("test accuracy", *(metric(o, "test/accuracy", "val/accuracy") for o in outcomes)),
         ("wall time", *(f"{o.seconds:.1f}s" for o in outcomes)),
     ]

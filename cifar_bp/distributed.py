@@ -102,8 +102,3 @@ def init_process_group(world: World, device: torch.device) -> None:
 def shutdown(world: World) -> None:
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP, so parameter names read `model1.conv1.weight`."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import LossConfig
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,7 +48,7 @@ class OneHotLoss(nn.Module):
         return self.criterion(prediction, target)
 
 
-def build_loss(cfg: LossConfig, num_classes: int = 10) -> nn.Module:
+def build_loss(cfg: LossConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
     """A module called as `loss_fn(logits, labels)`, whatever the loss."""
     criterion = make_criterion(cfg)
     if cfg.name == "ce":
@@ -55,7 +56,18 @@ def build_loss(cfg: LossConfig, num_classes: int = 10) -> nn.Module:
     return OneHotLoss(criterion, num_classes, on_probs=cfg.input == "probs")
 
 
-def elements_averaged(cfg: LossConfig, labels: torch.Tensor, num_classes: int = 10) -> float:
+def per_image(loss: float, cfg: LossConfig, batch: int) -> float:
+    """A batch's loss per image, so mean- and sum-reduced runs share a scale: sum adds the
+    batch's images up; mean averages over the images (CE) or over images × classes (MSE, L1,
+    see `elements_averaged`), so mean × C is per image there."""
+    if cfg.reduction == "sum":
+        return loss / batch
+    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
+
+
+def elements_averaged(
+    cfg: LossConfig, labels: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> float:
     """What `reduction: mean` divides the summed loss by: the factor between sum and mean.
 
     MSE and L1 average over all N·C entries of the one-hot comparison. Cross-entropy divides

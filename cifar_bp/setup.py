@@ -126,8 +126,9 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     device = pick_device(cfg, world)
     # Reject float16-on-CPU before any slow work, and say what was chosen and why.
     announced = [resolve_precision(cfg.train, device).describe()]
-    if resolve_compile(cfg.train, device)[0]:
-        announced.append(f"compile: on ({resolve_compile(cfg.train, device)[1]})")
+    compiled, why = resolve_compile(cfg.train, device)
+    if compiled:
+        announced.append(f"compile: on ({why})")
     init_process_group(world, device)
     # Rank 0 first: a folder source is then decoded and cached once, not once per rank.
     data = world.main_first(lambda: load_dataset(cfg.data, cfg.train.seed))
@@ -196,7 +197,7 @@ def claim_run_dir(
             run_dir, start.checkpoint, start.payload and start.payload.get("run_id"), force
         )
     lock = RunLock(run_dir)
-    with lock:  # refuse a second trainer now, before any slow work
+    with lock:  # refuse a second trainer before this folder is touched (identity, leftovers)
         pass
     try:
         write_identity(run_dir, run_id)

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 import torch
 
 from cifar_bp import checkpoint as ckpt
-from cifar_bp.cifar10 import NUM_CLASSES
-from cifar_bp.config import Config, LossConfig
+from cifar_bp.config import Config
 from cifar_bp.data import DeviceLoader, Split
 from cifar_bp.engine import evaluate, train_step
 from cifar_bp.errors import Diverged
+from cifar_bp.losses import per_image
 from cifar_bp.resume import Start
 from cifar_bp.run import Run
 from cifar_bp.setup import build_run
@@ -60,8 +60,6 @@ class Window:
     final_loss: float | None = None
     norm_sums: torch.Tensor | None = None  # per-parameter ‖g‖ summed over log points
     norm_count: int = 0
-    abs_mean: torch.Tensor | None = None  # per-parameter mean |g| at the last log point
-    abs_max: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch
 
 
@@ -143,10 +141,9 @@ def end_epoch(run: Run, window: Window, seconds: float) -> dict[str, float]:
                 metrics[f"{name}/accuracy_live"] = scores["accuracy_live"]
             run.tracker.confusion(name, scores["confusion"], classes, step)
     run.tracker.scalars(metrics, step, run.pos.epoch + 1)
-    if window.abs_mean is not None and window.abs_max is not None:
-        run.tracker.gradient_flow(
-            run.names, window.abs_mean.tolist(), window.abs_max.tolist(), step
-        )
+    flow = gradient_flow(run)
+    if flow is not None:
+        run.tracker.gradient_flow(run.names, *flow, step)
     run.pos.next_epoch()
     run.meters.values["seen"].zero_()
     run.meters.values["correct"].zero_()
@@ -212,29 +209,30 @@ def log_window(run: Run, reporter: Reporter, window: Window, norms: torch.Tensor
     run.meters.reset_window()
 
 
-def per_image(loss: float, cfg: LossConfig, batch: int) -> float:
-    """A step's loss per image, so mean and sum runs share a scale: sum adds the batch's
-    images up; mean averages over images (CE) or over images × classes (MSE, L1)."""
-    if cfg.reduction == "sum":
-        return loss / batch
-    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
-
-
 def norm_scalars(run: Run, window: Window, norms: torch.Tensor) -> dict[str, float]:
-    """Per-parameter gradient norms, and the |g| statistics behind the gradient-flow figure."""
+    """Per-parameter gradient norms, and their running sums for the run's result."""
     if not run.cfg.log.grad_norms:
         return {}
     norms = norms.detach()
     window.norm_sums = norms.clone() if window.norm_sums is None else window.norm_sums + norms
     window.norm_count += 1
-    grads = [p.grad for p in run.m.params]
-    if all(g is not None for g in grads):  # the last step's gradients, already unscaled
-        window.abs_mean = torch.stack([g.abs().mean() for g in grads]).float().cpu()
-        window.abs_max = torch.stack(torch._foreach_norm(grads, float("inf"))).float().cpu()
     values = norms.tolist()
     out = {"grad_norm/total": math.sqrt(sum(v * v for v in values))}
     out.update({f"grad_norm/{name}": v for name, v in zip(run.names, values, strict=True)})
     return out
+
+
+def gradient_flow(run: Run) -> tuple[list[float], list[float]] | None:
+    """Mean and max |g| per parameter of the epoch's last step (already unscaled), for the
+    gradient-flow figure; None without gradient logging, gradients, or finite values."""
+    grads = [p.grad for p in run.m.params]
+    if not run.cfg.log.grad_norms or any(g is None for g in grads):
+        return None
+    means = torch.stack([g.abs().mean() for g in grads]).float()
+    maxes = torch.stack(torch._foreach_norm(grads, float("inf"))).float()
+    if not bool(torch.isfinite(means).all() and torch.isfinite(maxes).all()):
+        return None
+    return means.tolist(), maxes.tolist()
 
 
 def finite_params(run: Run) -> list[tuple[str, torch.nn.Parameter]]:
