@@ -44,10 +44,17 @@ def safe_streams() -> None:
 
 
 def _bare_flag(option: Any) -> Any:
-    """--help takes no value, so its help row shows no `<bool>` type."""
+    """A flag (--help, --json, --amp/--no-amp, ...) takes no value, so its help row shows no
+    `<bool>` type: one place for every command, not a `metavar` on each flag."""
     if option is not None:
         option.metavar = ""
     return option
+
+
+def _bare_flags(command: Any) -> None:
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False):
+            _bare_flag(param)
 
 
 class ErrorMappingGroup(TyperGroup):
@@ -55,11 +62,13 @@ class ErrorMappingGroup(TyperGroup):
     outside training is 'aborted' and 130, and `--debug` shows the traceback instead."""
 
     def get_help_option(self, ctx: Any) -> Any:
+        _bare_flags(self)
         return _bare_flag(super().get_help_option(ctx))
 
     def get_command(self, ctx: Any, name: str) -> Any:
         command = super().get_command(ctx, name)
         if command is not None and not getattr(command, "_bare_help", False):
+            _bare_flags(command)
             plain = command.get_help_option
             command.get_help_option = lambda c: _bare_flag(plain(c))
             command._bare_help = True
@@ -103,7 +112,7 @@ app.add_typer(config_app, name="config")
 @app.callback()
 def _root(
     debug: Annotated[
-        bool, typer.Option("--debug", metavar="", help="Show full tracebacks for errors.")
+        bool, typer.Option("--debug", help="Show full tracebacks for errors.")
     ] = False,
 ) -> None:
     if debug:
@@ -138,7 +147,7 @@ LrOpt = Annotated[float | None, typer.Option("--lr", help="(Peak) learning rate.
 AmpOpt = Annotated[
     bool | None,
     typer.Option(
-        "--amp/--no-amp", metavar="",
+        "--amp/--no-amp",
         help="Force mixed precision on or off [default: auto, bf16 where the hardware has it].",
     ),
 ]  # fmt: skip
@@ -151,7 +160,7 @@ LogdirOpt = Annotated[
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Seed for weights, data order and augmentation.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 
 
 # The flags that set config keys (config.FLAG_KEYS), declared once: `train` and `config show`

@@ -47,7 +47,6 @@ def inspect_grads(
         bool,
         typer.Option(
             "--check",
-            metavar="",
             help="Also check autograd against finite differences on every parameter (float64).",
         ),
     ] = False,
@@ -123,9 +122,7 @@ def losses(
     ] = None,
     sweep: Annotated[
         bool,
-        typer.Option(
-            "--sweep", metavar="", help="Instead: L1 and MSE loss and gradient as the error grows."
-        ),
+        typer.Option("--sweep", help="Instead: L1 and MSE loss and gradient as the error grows."),
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -209,7 +206,7 @@ def compare(
         ),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", metavar="", help="Print only the table and errors.")
+        bool, typer.Option("--quiet", "-q", help="Print only the table and errors.")
     ] = False,
 ) -> None:
     """Train one run per loss × reduction from the same weights and data order, then compare.

@@ -44,14 +44,10 @@ def bench(
             ),
         ),
     ] = "a,b,c,d",
-    compile_: Annotated[
-        bool, typer.Option("--compile", metavar="", help="Add torch.compile to (c).")
-    ] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="Add torch.compile to (c).")] = False,
     sync_debug: Annotated[
         bool,
-        typer.Option(
-            "--sync-debug", metavar="", help="CUDA: count host syncs in the engine's timed steps."
-        ),
+        typer.Option("--sync-debug", help="CUDA: count host syncs in the engine's timed steps."),
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -11,9 +11,7 @@ from cifar_bp.cli.app import ConfigOpt, DeviceOpt, JsonOpt, SetOpt, app, config_
 
 QuietOpt = Annotated[
     bool,
-    typer.Option(
-        "--quiet", "-q", metavar="", help="No progress: print only notes, the summary and errors."
-    ),
+    typer.Option("--quiet", "-q", help="No progress: print only notes, the summary and errors."),
 ]
 
 
@@ -34,7 +32,6 @@ def train(
         bool,
         typer.Option(
             "--force",
-            metavar="",
             help="Resume even where the config, the data or the run folder do not match.",
         ),
     ] = False,
@@ -77,9 +74,7 @@ def config_show(
     set_: SetOpt = None,
     as_given: Annotated[
         bool,
-        typer.Option(
-            "--as-given", metavar="", help="Keep 'auto' values instead of resolving them."
-        ),
+        typer.Option("--as-given", help="Keep 'auto' values instead of resolving them."),
     ] = False,
 ) -> None:
     """Print the fully resolved config (file, then flags, then --set) as YAML.
