@@ -177,3 +177,14 @@ def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
     scale = [v for _, v in series["amp/scale"]]
     assert skipped[-1] > 0 and skipped == sorted(skipped)
     assert scale[-1] == pytest.approx(3e38 * 0.5 ** skipped[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize("images", [64, 160, 256])  # 2, 5 and 8 steps in all
+def test_onecycle_on_a_tiny_run_trains_with_a_finite_schedule(cli, tmp_path, images):
+    # OneCycleLR divides by each phase's length: a warm-up under one step used to crash.
+    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
+                 "--batch-size", "32", "--set", f"data.train_size={images}",
+                 "--set", "optim.scheduler=onecycle", "--set", "log.every_n_steps=1")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    lrs = [v for _, v in scalars(only_run(tmp_path))["train/lr"]]
+    assert len(lrs) == images // 32 and all(math.isfinite(v) and v > 0 for v in lrs)
