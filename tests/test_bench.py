@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,15 +122,37 @@ def test_sync_check_counts_syncs_inside_the_step_only(monkeypatch):
 
     @contextmanager
     def one_sync_per_step():
-        caught: list[warnings.WarningMessage] = []
+        caught: list[str] = []
         yield caught
-        caught.append(warnings.WarningMessage("synchronizing op", UserWarning, "engine.py", 7))
+        caught.append("engine.py:7")
 
     monkeypatch.setattr(loops, "sync_watch", one_sync_per_step)
     monkeypatch.setattr(loops, "SYNC_STEPS", 3)
     split = synthetic_split(16 * 5, seed=0)
     loop = EngineLoop(choose(["b@16"], "cpu")["b@16"], split, torch.device("cpu"), 1, False)
     assert loop.host_syncs() == (3, 3, "engine.py:7")  # stops after SYNC_STEPS of 5
+
+
+def test_sync_watch_ignores_the_switch_and_names_the_caller(monkeypatch):
+    """torch 2.11 on an H200 warned from set_sync_debug_mode itself; that was counted as a
+    sync inside every variant's step. A fake torch that does the same, around a fake step."""
+    from cifar_bp.benchmark import loops
+
+    def switch(mode: str) -> None:
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    def step() -> None:
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", switch)
+    monkeypatch.setattr(loops, "PACKAGE", Path(__file__).resolve().parent)  # frames of this file
+    with loops.sync_watch() as caught:
+        step()
+    assert len(caught) == 1
+    where, *chain = caught[0].split(" <- ")
+    assert where.endswith("test_bench.py:" + str(step.__code__.co_firstlineno + 1))
+    assert chain[0].startswith("tests/test_bench.py:")  # the caller that led there
 
 
 def test_help_does_not_import_torch():

@@ -6,9 +6,11 @@ Each answers `epoch(index)` with that epoch's images/s and `summary()` with what
 from __future__ import annotations
 
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from cifar_bp.hardware import pick_device, resolve_compile
 from cifar_bp.model import ReferenceNet
 from cifar_bp.setup import build_machinery
 
+PACKAGE = Path(__file__).resolve().parent.parent  # cifar_bp/
 SYNC_STEPS = 20  # steps watched for host syncs after the timed epochs (CUDA, --sync-debug)
 
 
@@ -75,7 +78,7 @@ class EngineLoop:
                 train_step(self.m, images, labels, self.meters)
             count, steps = count + len(caught), steps + 1
             if caught and where is None:
-                where = f"{caught[0].filename}:{caught[0].lineno}"
+                where = caught[0]
             if steps == SYNC_STEPS:
                 break
         return count, steps, where
@@ -150,14 +153,34 @@ class TutorialLoop:
 
 
 @contextmanager
-def sync_watch() -> Iterator[list[warnings.WarningMessage]]:
-    """Collect CUDA's warnings about synchronizing operations (torch's sync debug mode)."""
-    caught: list[warnings.WarningMessage] = []
-    with warnings.catch_warnings(record=True) as seen:
+def sync_watch() -> Iterator[list[str]]:
+    """Where each synchronizing CUDA operation came from (torch's sync debug mode): the
+    frame that made it plus the project frames that led there, e.g.
+    `torch/cuda/__init__.py:1270 <- cifar_bp/engine.py:159`."""
+    caught: list[str] = []
+    watching = [False]
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if watching[0] and "synchroniz" in str(message):
+            caught.append(call_chain(f"{filename}:{lineno}"))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
+        # Only what runs between the two switches counts: on an H200 with torch 2.11 the
+        # switch itself reported a sync (torch/cuda/__init__.py, from set_sync_debug_mode).
         torch.cuda.set_sync_debug_mode("warn")
+        watching[0] = True
         try:
             yield caught
         finally:
+            watching[0] = False
             torch.cuda.set_sync_debug_mode("default")
-    caught.extend(w for w in seen if "synchroniz" in str(w.message))
+
+
+def call_chain(where: str) -> str:
+    """`where` followed by the innermost frames of this package that led to it."""
+    frames = [f for f in traceback.extract_stack() if f.filename.startswith(str(PACKAGE))]
+    ours = [f"{Path(f.filename).relative_to(PACKAGE.parent)}:{f.lineno}"
+            for f in frames if f.name not in ("record", "call_chain")]  # fmt: skip
+    return " <- ".join([where, *reversed(ours[-3:])])
