@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the throughput work, as one command, from the source tree, with any
 # Python that has torch (no install, no .venv, no network needed):
-#     PYTHON=python3 bash benchmarks/gpu_check.sh          # about 5 minutes on one H100
+#     PYTHON=python3 bash benchmarks/gpu_check.sh          # about 4 minutes on one H200
+#     PYTHON=python3 bash benchmarks/gpu_check.sh --images 25000 --repeats 2   # the README's
 # One table: the benchmark's variants ((a) the tutorial loop, (b) the engine in fp32 at batch
 # 64, (c) the fastest settings and (c) at batches 2048 and 8192, (d) the default `cifar-bp
-# train` path with amp and compile on auto, (b) compiled, (b) in fp16 + GradScaler) with
-# images/s, GFLOP/s and share of the matmul peak measured in the same run; then the real
-# trainer on the default config (auto) at batch 64 and 512, 50,000 synthetic images, each
-# epoch timed with its evaluation. The targets are printed next to the figures.
+# train` path with amp and compile on auto, (b) compiled at 64 and 512 beside (b) at 512,
+# (b) in fp16 + GradScaler) with images/s, GFLOP/s and share of the matmul peak measured in
+# the same run; then the real trainer on the default config (auto) at batch 64, 512 and 4096,
+# 50,000 synthetic images, each epoch timed with its evaluation. The targets are printed
+# next to the figures.
 # Exits non-zero on any error, on a missing package (all are listed before anything runs),
 # or on a host sync inside train_step (CUDA sync debug mode; fp16's GradScaler excepted).
 # Packages the GPU machine's Python lacks can be put in a folder on PYTHONPATH, e.g.

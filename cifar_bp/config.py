@@ -159,7 +159,7 @@ class TrainConfig(_Section):
     # auto: a GradScaler exactly when float16 autocast is on (bf16 has fp32's range).
     grad_scaler: Literal["auto"] | StrictBool = "auto"
     init_scale: Number = Field(2.0**16, gt=0)
-    compile: Literal["auto"] | StrictBool = "auto"  # auto: on for CUDA, off on the CPU
+    compile: Literal["auto"] | StrictBool = "auto"  # auto: off (measured no gain)
     deterministic: StrictBool = Field(False, description="bitwise-reproducible kernels (slower)")
     # The data order seeds torch generators with seed * 1_000_033 + step: keep it in range.
     seed: Count = Field(0, ge=0, le=2**32 - 1)

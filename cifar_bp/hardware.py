@@ -138,14 +138,15 @@ def _precision(
 
 
 def resolve_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str]:
-    """`train.compile` auto: on for CUDA, where fusing this small net's many short kernels
-    is expected to pay (benchmarks/gpu_check.sh measures it; no GPU has run it yet); off on
-    the CPU, where compiling it measured no gain (docs/experiments.md; `cifar-bp bench
-    --variants b,compile` measures it again)."""
+    """`train.compile` auto: off everywhere it was measured. On an H200 (torch 2.11,
+    benchmarks/gpu_check.sh) the compiled step trained 16% slower than the eager one at the
+    tutorial's batch of 64 (13,579 against 16,189 images/s) and its first epoch took 29 s
+    instead of 6 s; on the CPU it measured no gain either (docs/experiments.md). `cifar-bp
+    bench --variants b,compile` measures it again on another machine."""
     if cfg.compile != "auto":
         return bool(cfg.compile), f"train.compile {str(cfg.compile).lower()}"
     if device.type == "cuda":
-        return True, "CUDA, auto"
+        return False, "CUDA, auto: measured slower on an H200"
     return False, "CPU, auto"
 
 

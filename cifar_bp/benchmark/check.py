@@ -25,7 +25,8 @@ from cifar_bp.benchmark.runner import BenchOptions, run_benchmark
 TARGET_IMAGES_PER_S = 200_000  # training images/s at the fastest batch size (one H100)
 TARGET_RATIO = 30.0  # × the tutorial loop (a) on the same GPU
 TARGET_EPOCH_S = 0.5  # one 50,000-image epoch with its evaluation, after warm-up
-VARIANTS = "a,b,c,d,compile,fp16,c@2048,c@8192,d@512"
+# compile@512 against b@512: whether compiling pays once the batch is large.
+VARIANTS = "a,b,c,d,compile,fp16,c@2048,c@8192,d@512,b@512,compile@512"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=50_000)
     p.add_argument("--test-size", type=int, default=10_000)
     p.add_argument("--train-epochs", type=int, default=3, help="the first one warms up")
-    p.add_argument("--train-batches", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--train-batches", type=int, nargs="+", default=[64, 512, 4096])
     return p.parse_args(argv)
 
 
