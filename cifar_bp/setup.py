@@ -150,7 +150,7 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes)
     data.notes = notes
     names = [name for name, p in m.plain.named_parameters() if p.requires_grad]
-    tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1)
+    tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1, device)
     run = Run(cfg, world, data, identity, m, loader, tracker, run_dir, run_id, names, pos,
               meters, lock, resumed=start.payload is not None)  # fmt: skip
     if start.payload is not None:
@@ -207,10 +207,12 @@ def claim_run_dir(
     return run_dir, lock
 
 
-def open_tracker(run_dir: Path | None, purge_step: int) -> Tracker:
-    """TensorBoard's writer; a full disk or an unwritable folder is one line, not a traceback."""
+def open_tracker(run_dir: Path | None, purge_step: int, device: torch.device) -> Tracker:
+    """TensorBoard's writer; a full disk or an unwritable folder is one line, not a traceback.
+    On a GPU, where an epoch can take less time than drawing its figures, a helper process
+    draws them."""
     try:
-        return Tracker(run_dir, purge_step=purge_step)
+        return Tracker(run_dir, purge_step=purge_step, background_figures=device.type == "cuda")
     except OSError as err:
         raise CliError(
             f"cannot write TensorBoard events in {run_dir}: {err.strerror or err}"

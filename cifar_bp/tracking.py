@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cifar_bp.config import Config
+from cifar_bp.drawing import Drawer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,11 +41,15 @@ GRID_IMAGES = 32  # of the first batch, 8 to a row
 
 
 class Tracker:
-    """A thin layer over `SummaryWriter` plus `metrics.csv`."""
+    """A thin layer over `SummaryWriter` plus `metrics.csv`. `background_figures` draws the
+    figures in a helper process (drawing.py says when that pays)."""
 
-    def __init__(self, run_dir: Path | None, purge_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path | None, purge_step: int | None = None, background_figures: bool = False
+    ) -> None:
         self.writer = None
         self.csv: MetricsCsv | None = None
+        self.drawer = Drawer(background_figures)
         if run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -81,7 +86,9 @@ class Tracker:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on a graph it handles fine
             self.writer.add_graph(model, images[:1])
-        self.image("inputs/first_batch", input_grid(images, labels, classes, cfg), 0)
+        self.figure(
+            "inputs/first_batch", 0, "image_grid", *input_grid(images, labels, classes, cfg)
+        )
         self.writer.add_custom_scalars(layout([n for n, p in model.named_parameters()]))
 
     def histograms(self, named_params: Sequence[tuple[str, nn.Parameter]], step: int) -> None:
@@ -103,29 +110,32 @@ class Tracker:
     def gradient_flow(
         self, names: Sequence[str], mean_abs: Sequence[float], max_abs: Sequence[float], step: int
     ) -> None:
-        if self.writer is None:
-            return
-        from cifar_bp import figures
-
         title = f"gradient flow at step {step}"
-        self.image("gradients/flow", figures.gradient_flow(names, mean_abs, max_abs, title), step)
+        self.figure("gradients/flow", step, "gradient_flow", list(names), list(mean_abs),
+                    list(max_abs), title)  # fmt: skip
 
     def confusion(
         self, split: str, matrix: Sequence[Sequence[int]], classes: Sequence[str], step: int
     ) -> None:
-        if self.writer is None:
-            return
-        from cifar_bp import figures
-
         title = f"{split} at step {step}"
-        self.image(f"confusion/{split}", figures.confusion_matrix(matrix, classes, title), step)
+        self.figure(f"confusion/{split}", step, "confusion_matrix", matrix, list(classes), title)
 
-    def image(self, tag: str, figure: Any, step: int) -> None:
-        """A matplotlib figure as an image (add_figure would need pyplot)."""
-        from cifar_bp import figures
+    def figure(self, tag: str, step: int, kind: str, *args: Any) -> None:
+        """`figures.<kind>(*args)` as an image (add_figure would need pyplot)."""
+        if self.writer is not None:
+            self.drawer.submit(tag, step, kind, *args)
+            self._write_pictures()
+
+    def _write_pictures(self, wait: bool = False) -> None:
+        """Write the figures drawn so far (all of them with `wait`) into the event file."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
         assert self.writer is not None
-        self.writer.add_image(tag, figures.render(figure), step, dataformats="HWC")
+        file_writer = self.writer._get_file_writer()
+        for p in self.drawer.finished(wait):
+            image = Summary.Image(height=p.height, width=p.width, colorspace=3,
+                                  encoded_image_string=p.png)  # fmt: skip
+            file_writer.add_summary(Summary(value=[Summary.Value(tag=p.tag, image=image)]), p.step)
 
     def hparams(self, cfg: Config, metrics: dict[str, float]) -> None:
         """The run's defining keys, in this run's own event file (add_hparams would start a
@@ -142,10 +152,15 @@ class Tracker:
 
     def flush(self) -> None:
         if self.writer is not None:
+            self._write_pictures()
             self.writer.flush()
 
     def close(self) -> None:
+        """Waits for the figures still being drawn, so that none is lost."""
         if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self._write_pictures(wait=True)
+            self.drawer.close()
             with contextlib.suppress(Exception):
                 self.writer.close()
 
@@ -203,13 +218,12 @@ def layout(param_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
 
 def input_grid(
     images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], cfg: Config
-) -> Any:
-    """The first images of a batch as fed to the net (augmented), un-normalized."""
-    from cifar_bp import figures
-
+) -> tuple[np.ndarray, list[int], list[str], str]:
+    """`figures.image_grid`'s arguments: the first images of a batch as fed to the net
+    (augmented), un-normalized."""
     pixels = pixels_of(images[:GRID_IMAGES], cfg)
     title = "first training batch as the network sees it (after augmentation)"
-    return figures.image_grid(pixels, labels[:GRID_IMAGES].tolist(), classes, title)
+    return pixels, labels[:GRID_IMAGES].tolist(), list(classes), title
 
 
 def pixels_of(images: torch.Tensor, cfg: Config) -> np.ndarray:

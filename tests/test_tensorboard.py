@@ -241,3 +241,36 @@ def test_a_resumed_run_continues_metrics_csv_without_duplicates(cli, tmp_path):
     kept = [r for r in rows if r["train/loss"]]
     assert [int(r["step"]) for r in kept] == [step for step, _ in logged] == [2, 4, 6, 8]
     assert [float(r["train/loss"]) for r in kept] == pytest.approx([v for _, v in logged])
+
+
+def drawn(tmp_path, background: bool) -> EventAccumulator:
+    tracker = Tracker(tmp_path, purge_step=1, background_figures=background)
+    pids = set()
+    for step in (1, 2):
+        tracker.confusion("test", [[3, 1], [0, 4]], ("cat", "dog"), step)
+        tracker.gradient_flow(["conv1.weight", "conv1.bias"], [0.1, 0.0], [0.3, 0.4], step)
+        tracker.flush()  # writes what is ready, waits for nothing
+        pool = tracker.drawer.pool
+        pids |= set(pool._processes) if pool is not None else set()
+    assert tracker.drawer.background is background  # no silent fallback to drawing here
+    assert len(pids) == background  # one helper process, kept for the whole run
+    tracker.close()  # waits for the rest
+    return accumulator(tmp_path)
+
+
+def test_figures_drawn_in_a_helper_process_are_the_ones_drawn_in_place(tmp_path):
+    here, helper = drawn(tmp_path / "here", False), drawn(tmp_path / "helper", True)
+    for tag in ("confusion/test", "gradients/flow"):
+        assert [e.step for e in helper.Images(tag)] == [1, 2], tag
+        pairs = zip(png(here, tag), png(helper, tag), strict=True)
+        assert all(np.array_equal(a, b) and a.std() > 10 for (_, a), (_, b) in pairs), tag
+    assert len(list(tmp_path.joinpath("helper").glob("events.*"))) == 1  # one event file
+
+
+def test_a_gpu_run_draws_its_figures_in_a_helper_process(tmp_path):
+    from cifar_bp.setup import open_tracker
+
+    for device, background in (("cuda", True), ("cpu", False)):
+        tracker = open_tracker(tmp_path / device, 1, torch.device(device))
+        assert tracker.drawer.background is background
+        tracker.close()
