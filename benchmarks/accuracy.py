@@ -6,6 +6,9 @@ and times read back from each run's TensorBoard events.
 
     python benchmarks/accuracy.py --archive ../shared/data/cifar10-jpeg-train.tar.gz
     python benchmarks/accuracy.py --root /tmp/cifar10-jpeg --only default,quick
+    # a sweep on a GPU: variants of the default, two seeds each, eight runs at a time
+    python benchmarks/accuracy.py --device cuda --jobs 8 --seeds 0,1 --only default \
+        --try ls0=loss.label_smoothing=0 --try b64=train.batch_size=64,optim.lr=0.0015
 
 Nothing derived from the archive is written inside the repository: the images, the decode
 cache and the runs all live under --workdir (default: the system temp directory).
@@ -14,11 +17,13 @@ cache and the runs all live under --workdir (default: the system temp directory)
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,20 +53,42 @@ def unpack(archive: Path, workdir: Path) -> Path:
     return root
 
 
-def train(name: str, data_root: Path, workdir: Path, more: list[str]) -> dict[str, float]:
+def train(name: str, seed: int, data_root: Path, args: argparse.Namespace) -> dict[str, float]:
     config, extra = RECIPES[name]
-    logdir = workdir / "runs"
-    run_name = f"{name.replace('+', '-')}-{time.strftime('%H%M%S')}"
+    logdir = args.workdir / "runs"
+    run_name = f"{name.replace('+', '-').replace('=', '-')}-s{seed}-{time.strftime('%H%M%S')}"
     sets = ["data.source=folder", f"data.root={data_root}", "data.val_size=5000",
-            f"data.cache_dir={workdir / 'cache'}", "train.device=cpu", *extra, *more]  # fmt: skip
+            f"data.cache_dir={args.workdir / 'cache'}", f"train.device={args.device}",
+            f"train.seed={seed}", *args.sets, *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "cifar_bp", "train", "--config", str(ROOT / config), "-q",
            "--logdir", str(logdir), "--run-name", run_name]  # fmt: skip
     for item in sets:
         cmd += ["--set", item]
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    # Parallel jobs keep quiet; a failed run's own error still reaches stderr.
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
     wall = time.perf_counter() - started
     return summarize(logdir / run_name, wall)
+
+
+def add_variants(tries: list[str]) -> list[str]:
+    """`--try NAME=KEY=VALUE,KEY=VALUE`: the default recipe with those --set items, as NAME."""
+    names = []
+    for item in tries:
+        name, _, sets = item.partition("=")
+        if not name or "=" not in sets:
+            sys.exit(f"--try {item!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+        RECIPES[name] = ("configs/default.yaml", sets.split(","))
+        names.append(name)
+    return names
+
+
+def prime_cache(data_root: Path, workdir: Path) -> None:
+    """Decode the images once, before parallel runs would each decode them."""
+    from cifar_bp.config import DataConfig
+    from cifar_bp.folder import load_folder
+
+    load_folder(DataConfig(source="folder", root=str(data_root), cache_dir=str(workdir / "cache")))
 
 
 def summarize(run_dir: Path, wall: float) -> dict[str, float]:
@@ -96,20 +123,42 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(RECIPES), help="comma-separated recipes")
     parser.add_argument(
         "--set", dest="sets", action="append", default=[],
-        help="an extra --set for every recipe, e.g. train.amp=false (repeatable)",
+        help="an extra --set for every run, e.g. train.amp=false (repeatable; a recipe's or "
+        "--try's own items win)",
     )  # fmt: skip
+    parser.add_argument("--try", dest="tries", action="append", default=[],
+                        help="NAME=KEY=VALUE[,KEY=VALUE...]: a variant of the default recipe "
+                        "(repeatable; runs after --only's recipes)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="train.device for every run")
+    parser.add_argument("--seeds", default="0", help="comma-separated train.seed values")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (for a GPU)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_root = args.root or unpack(args.archive, args.workdir)
-    rows = []
-    for name in args.only.split(","):
-        print(f"training {name} ...", flush=True)
-        rows.append((name, train(name, data_root, args.workdir, args.sets)))
-    columns = ("recipe", "epochs", "val acc", "live", "best", "train s", "wall s")
-    print("\n" + f"{columns[0]:<14}" + "".join(f"{c:>9}" for c in columns[1:]))
-    for name, r in rows:
-        cells = [r["epochs"], *(f"{r[k]:.4f}" for k in ACCURACIES), *(f"{r[k]:.1f}" for k in TIMES)]
-        print(f"{name:<14}" + "".join(f"{c:>9}" for c in cells))
+    names = [n for n in args.only.split(",") if n] + add_variants(args.tries)
+    runs = list(itertools.product(names, [int(s) for s in args.seeds.split(",")]))
+    if args.jobs > 1:
+        prime_cache(data_root, args.workdir)
+
+    def one(run: tuple[str, int]) -> tuple[str, int, dict[str, float]]:
+        print(f"training {run[0]} (seed {run[1]}) ...", flush=True)
+        try:
+            result = train(*run, data_root, args)
+        except subprocess.CalledProcessError as err:  # one failed run must not hide the rest
+            print(f"{run[0]} (seed {run[1]}) failed: exit {err.returncode}", flush=True)
+            return (*run, {})
+        print(f"{run[0]} (seed {run[1]}): val {result['val_accuracy']:.4f}", flush=True)
+        return (*run, result)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        rows = [row for row in pool.map(one, runs) if row[2]]
+    columns = ("recipe", "seed", "epochs", "val acc", "live", "best", "train s", "wall s")
+    width = max(14, *(len(n) + 2 for n in names))
+    print("\n" + f"{columns[0]:<{width}}" + "".join(f"{c:>9}" for c in columns[1:]))
+    for name, seed, r in rows:
+        cells = [seed, r["epochs"], *(f"{r[k]:.4f}" for k in ACCURACIES),
+                 *(f"{r[k]:.1f}" for k in TIMES)]  # fmt: skip
+        print(f"{name:<{width}}" + "".join(f"{c:>9}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
