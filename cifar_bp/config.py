@@ -124,7 +124,7 @@ class LossConfig(_Section):
 class OptimConfig(_Section):
     # muon: Muon for weight matrices and conv filters, Adam for biases and the classifier.
     name: Literal["sgd", "adam", "adamw", "muon"] = "muon"
-    lr: Number = Field(0.001, gt=0, description="peak learning rate")
+    lr: Number = Field(0.002, gt=0, description="peak learning rate")
     momentum: Fraction = Field(0.95, description="SGD and Muon")
     # Checked even when left at its default: momentum 0 alone must not reach the optimizer.
     nesterov: StrictBool = Field(True, validate_default=True)
@@ -145,7 +145,7 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: Count = Field(10, ge=1, le=1_000_000)
-    batch_size: Count = Field(32, ge=1, le=INT32, description="per process; global = N x this")
+    batch_size: Count = Field(128, ge=1, le=INT32, description="per process; global = N x this")
     eval_batch_size: Count = Field(1000, ge=1, le=INT32)
     eval_flip: StrictBool = Field(True, description="evaluate on each image and its mirror")
     ema_decay: Number | None = Field(
