@@ -114,6 +114,7 @@ class Machinery:
     precision: Precision
     grad_clip: float | None
     params: list[nn.Parameter]
+    names: list[str]  # of `params`, in their order: model1.conv1.weight, ...
     average: WeightAverage | None = None
 
     @property

@@ -45,7 +45,6 @@ class Run:
     tracker: Tracker
     run_dir: Path
     run_id: str
-    names: list[str]  # parameter names, in the order of m.params
     pos: Position
     meters: Meters
     lock: contextlib.AbstractContextManager

@@ -115,6 +115,7 @@ def build_machinery(cfg: Config, device: torch.device, world: World, steps: int)
         precision=precision,
         grad_clip=cfg.optim.grad_clip,
         params=[p for _, p in named],
+        names=[n for n, _ in named],
         average=WeightAverage(model, decay) if decay is not None else None,
     )
 
@@ -149,9 +150,8 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
         pos, run_id = resume_state(start, m, meters, len(loader) * cfg.train.epochs, cfg, world)
     run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes)
     data.notes = notes
-    names = [name for name, p in m.plain.named_parameters() if p.requires_grad]
     tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1, device)
-    run = Run(cfg, world, data, identity, m, loader, tracker, run_dir, run_id, names, pos,
+    run = Run(cfg, world, data, identity, m, loader, tracker, run_dir, run_id, pos,
               meters, lock, resumed=start.payload is not None)  # fmt: skip
     if start.payload is not None:
         run.best = start.payload.get("best_metric", -math.inf)

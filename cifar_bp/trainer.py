@@ -143,7 +143,7 @@ def end_epoch(run: Run, window: Window, seconds: float) -> dict[str, float]:
     run.tracker.scalars(metrics, step, run.pos.epoch + 1)
     flow = gradient_flow(run)
     if flow is not None:
-        run.tracker.gradient_flow(run.names, *flow, step)
+        run.tracker.gradient_flow(run.m.names, *flow, step)
     run.pos.next_epoch()
     run.meters.values["seen"].zero_()
     run.meters.values["correct"].zero_()
@@ -218,7 +218,7 @@ def norm_scalars(run: Run, window: Window, norms: torch.Tensor) -> dict[str, flo
     window.norm_count += 1
     values = norms.tolist()
     out = {"grad_norm/total": math.sqrt(sum(v * v for v in values))}
-    out.update({f"grad_norm/{name}": v for name, v in zip(run.names, values, strict=True)})
+    out.update({f"grad_norm/{name}": v for name, v in zip(run.m.names, values, strict=True)})
     return out
 
 
@@ -239,7 +239,7 @@ def finite_params(run: Run) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters whose weights and gradients are finite (a histogram of NaNs is an
     error in TensorBoard; a diverging run is stopped by the health check instead)."""
     out = []
-    for name, p in zip(run.names, run.m.params, strict=True):
+    for name, p in zip(run.m.names, run.m.params, strict=True):
         if bool(torch.isfinite(p).all()) and (p.grad is None or bool(torch.isfinite(p.grad).all())):
             out.append((name, p))
     return out
@@ -309,6 +309,6 @@ def result(run: Run, window: Window, stopped_by: str | None = None) -> RunResult
     out.metrics = window.metrics or {"train/global_step": float(run.pos.global_step)}
     if window.norm_sums is not None:
         means = (window.norm_sums / window.norm_count).tolist()
-        out.grad_norm_means = dict(zip(run.names, means, strict=True))
+        out.grad_norm_means = dict(zip(run.m.names, means, strict=True))
     run.tracker.flush()
     return out
