@@ -119,15 +119,23 @@ def check_owner(run_dir: Path, checkpoint: Path, run_id: str | None, force: bool
 
 
 class RunLock:
-    """One trainer per run folder at a time: the second is refused, naming the first's pid."""
+    """One trainer per run folder at a time: the second is refused, naming the first's pid.
+
+    `acquire` takes it when the folder is claimed; `with lock:` then holds it for the
+    training and releases it at the end (it takes it first where nothing has)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK
         self.file: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
+        if self.file is None:
+            self.acquire()
+        return self
+
+    def acquire(self) -> None:
         try:
-            self.file = open(self.path, "a+")  # held until __exit__
+            self.file = open(self.path, "a+")  # noqa: SIM115 (held until release)
         except OSError as err:
             raise CliError(f"cannot write in {self.path.parent}: {err.strerror or err}") from None
         try:
@@ -146,9 +154,11 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
-        return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
         if self.file is not None:
             with contextlib.suppress(OSError):
                 self.file.truncate(0)

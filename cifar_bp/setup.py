@@ -150,7 +150,11 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
         pos, run_id = resume_state(start, m, meters, len(loader) * cfg.train.epochs, cfg, world)
     run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes)
     data.notes = notes
-    tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1, device)
+    try:
+        tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1, device)
+    except BaseException:
+        lock.__exit__(None, None, None)  # no training will follow to release it
+        raise
     run = Run(cfg, world, data, identity, m, loader, tracker, run_dir, run_id, pos,
               meters, lock, resumed=start.payload is not None)  # fmt: skip
     if start.payload is not None:
@@ -184,26 +188,29 @@ def resume_state(
 def claim_run_dir(
     cfg: Config, start: Start, run_id: str, world: World, force: bool, notes: list[str]
 ) -> tuple[Path, contextlib.AbstractContextManager]:
-    """The run's folder, created for a new run; locked by the main rank while it trains."""
+    """The run's folder, created for a new run, and its lock, already held by the main rank
+    (before anything in the folder is touched) until the training releases it."""
     if not world.is_main:
         return start.run_dir or Path(cfg.log.logdir), contextlib.nullcontext()
     if start.run_dir is None:
         run_dir = plan_run_dir(cfg)
         create_run_dir(run_dir, cfg, run_id)
-        return run_dir, RunLock(run_dir)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        return run_dir, lock
     run_dir = start.run_dir
     if start.checkpoint is not None:
         notes += check_owner(
             run_dir, start.checkpoint, start.payload and start.payload.get("run_id"), force
         )
     lock = RunLock(run_dir)
-    with lock:  # refuse a second trainer before this folder is touched (identity, leftovers)
-        pass
+    lock.acquire()  # a second trainer is refused before this folder is touched
     try:
         write_identity(run_dir, run_id)
+        notes += [f"removed {n} (left by a killed run)" for n in ckpt.clean_temporaries(run_dir)]
     except OSError as err:
+        lock.release()
         raise CliError(f"cannot write in run directory {run_dir}: {err.strerror or err}") from None
-    notes += [f"removed {name} (left by a killed run)" for name in ckpt.clean_temporaries(run_dir)]
     return run_dir, lock
 
 

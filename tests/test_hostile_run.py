@@ -394,3 +394,30 @@ def test_ascii_and_latin_1_terminals(args, encoding):
     expected = 2 if "nan" in args else 0
     assert done.returncode == expected, err
     assert (out if expected == 0 else err).strip()  # it printed something, not nothing
+
+
+def test_a_claimed_run_folder_stays_locked_until_its_training_ends(runs, monkeypatch):
+    """No window between claiming a folder and training in it: the lock taken at the claim
+    is the one the training holds, and a failure before training releases it."""
+    from cifar_bp import setup
+    from cifar_bp.errors import CliError, UsageError
+    from cifar_bp.resume import prepare_resume
+    from cifar_bp.rundir import RunLock
+
+    start = prepare_resume(str(runs / "a"), None, {"epochs": 2}, [], False)
+    run = setup.build_run(start.cfg, start)
+    with pytest.raises(UsageError, match="being trained by another process"):
+        RunLock(runs / "a").acquire()  # a second trainer, after the build, before training
+    with run.lock:
+        pass  # the training's own `with run.lock:` ends by releasing it
+    run.tracker.close()
+    RunLock(runs / "a").acquire()  # free again (and released when the test's lock goes)
+
+    def no_tracker(*args):
+        raise CliError("cannot write TensorBoard events")
+
+    monkeypatch.setattr(setup, "open_tracker", no_tracker)
+    start = prepare_resume(str(runs / "b"), None, {"epochs": 2}, [], False)
+    with pytest.raises(CliError):
+        setup.build_run(start.cfg, start)
+    RunLock(runs / "b").acquire()  # the failed build did not keep it
