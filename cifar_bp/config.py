@@ -71,7 +71,9 @@ class _Section(BaseModel):
 class AugmentConfig(_Section):
     crop_padding: Count = Field(2, ge=0, le=16, description="pixels of padding for random crops")
     pad_mode: Literal["reflect", "zero"] = "reflect"
-    flip: StrictBool = True
+    # alternate: each image flipped on every other epoch (which ones first is seeded), so
+    # any two epochs in a row show both mirror images of every picture.
+    flip: Literal["alternate"] | StrictBool = True
 
 
 class DataConfig(_Section):

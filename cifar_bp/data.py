@@ -206,6 +206,10 @@ class DeviceLoader:
         self.scale = (1 / (255 * std)).view(1, 3, 1, 1)
         self.shift = (-mean / std).view(1, 3, 1, 1)
         self.gen = torch.Generator(device=device)
+        self.flip_first = None  # alternate flips: the images flipped in even epochs
+        if self.augment is not None and self.augment.flip == "alternate":
+            gen = torch.Generator().manual_seed(seed * 100_019 + 7)
+            self.flip_first = (torch.rand(len(self.labels), generator=gen) < 0.5).to(device)
 
     def __len__(self) -> int:
         """Steps per epoch. With several ranks an incomplete last global batch is dropped,
@@ -229,7 +233,10 @@ class DeviceLoader:
             images = self.images[index]
             if self.augment is not None:
                 self.gen.manual_seed(self.seed * 1_000_003 + first_global_step + step - start_step)
-                images = augment_batch(images, self.augment, self.gen, self.rank)
+                flips = None
+                if self.flip_first is not None:
+                    flips = self.flip_first[index] ^ bool(epoch % 2)
+                images = augment_batch(images, self.augment, self.gen, self.rank, flips)
             yield self.to_float(images), self.labels[index]
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
@@ -238,15 +245,21 @@ class DeviceLoader:
 
 
 def augment_batch(
-    images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, rank: int = 0
+    images: torch.Tensor,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    rank: int = 0,
+    flips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random crop (reflect or zero padding) and horizontal flip, independently per image,
-    as one gather over the whole uint8 batch: no padding copy and no per-image loop."""
+    as one gather over the whole uint8 batch: no padding copy and no per-image loop.
+    `flips` (one bool per image) replaces the random flips (`flip: alternate`)."""
     n, pad = images.shape[0], cfg.crop_padding
     dev = images.device
     # Each rank consumes its own stretch of the step's random stream.
     draws = torch.randint(0, 2 * pad + 1, (n * (rank + 1), 2), generator=gen, device=dev)[-n:]
-    flips = torch.rand(n * (rank + 1), generator=gen, device=dev)[-n:] < 0.5
+    coins = torch.rand(n * (rank + 1), generator=gen, device=dev)[-n:] < 0.5
+    flips = coins if flips is None else flips
     base = torch.arange(SIDE, device=dev)
     rows = draws[:, :1] - pad + base  # N×32 source rows, possibly outside the image
     cols = draws[:, 1:] - pad + base

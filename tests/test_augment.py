@@ -166,3 +166,41 @@ def test_resuming_mid_epoch_reproduces_the_remaining_batches():
     assert len(rest) == len(full) - 3
     for (x, y), (x2, y2) in zip(full[3:], rest, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def flipped_by_id(loader: DeviceLoader, data: Split, epoch: int) -> dict[int, bool]:
+    """Which images (by id) an epoch fed mirrored; the ids are the labels."""
+    out = {}
+    for x, y in loader.epoch(epoch, first_global_step=epoch * len(loader)):
+        for image, i in zip(x, y.tolist(), strict=True):
+            original = normalized(data.images[i : i + 1], loader_cfg(loader))[0]
+            mirrored = original.flip(2)
+            assert torch.allclose(image, original, atol=1e-5) != torch.allclose(
+                image, mirrored, atol=1e-5
+            )
+            out[i] = torch.allclose(image, mirrored, atol=1e-5)
+    return out
+
+
+def loader_cfg(loader: DeviceLoader) -> DataConfig:
+    return DataConfig(augment=loader.augment)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_alternate_flips_show_every_image_both_ways_in_any_two_epochs(rank):
+    n = 64
+    data = Split(batch(n, seed=4), torch.arange(n))
+    cfg = DataConfig(augment=AugmentConfig(crop_padding=0, flip="alternate"))
+    loader = DeviceLoader(data, cfg, 8, CPU, train=True, seed=3, rank=rank, world=2)
+    epochs = [flipped_by_id(loader, data, e) for e in range(3)]
+    seen = sorted(epochs[0])
+    assert len(seen) == n // 2 and sorted(epochs[1]) != seen  # this rank's half, reshuffled
+    assert len(set(epochs[0]) & set(epochs[1])) > 4
+    for i in set(epochs[0]) & set(epochs[1]):
+        assert epochs[0][i] != epochs[1][i], i  # mirrored in one epoch, not in the next
+    for i in set(epochs[0]) & set(epochs[2]):
+        assert epochs[0][i] == epochs[2][i], i
+    assert 8 < sum(epochs[0].values()) < 24  # which images start mirrored is random
+    other = DeviceLoader(data, cfg, 8, CPU, train=True, seed=3, rank=1 - rank, world=2)
+    both = epochs[0] | flipped_by_id(other, data, 0)
+    assert len(both) == n  # the ranks split the images between them

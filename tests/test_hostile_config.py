@@ -60,6 +60,7 @@ SET_CASES = [
     ("seed-bool", "train.seed=true", "train.seed: must be a valid integer"),
     ("flip-number", "train.eval_flip=1", "train.eval_flip: must be a valid boolean (got 1)"),
     ("amp-number", "train.amp=3", "train.amp: must be 'auto' or a valid boolean (got 3)"),
+    ("flip-word", "data.augment.flip=sometimes", "data.augment.flip: must be 'alternate' or a"),
     ("unknown-key", "train.bogus=1", "unknown key 'train.bogus' (known here: epochs"),
     ("unknown-section", "bogus.x=1", "unknown key 'bogus' (known here: data, model"),
     ("key-below-a-value", "train.epochs.x=1", "train.epochs: holds a value, not keys (got 3)"),
