@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     batch_size: Count = Field(128, ge=1, le=INT32, description="per process; global = N x this")
     eval_batch_size: Count = Field(1000, ge=1, le=INT32)
     eval_flip: StrictBool = Field(True, description="evaluate on each image and its mirror")
+    # Pixels: also score two copies of each view shifted this far diagonally (up-left and
+    # down-right, reflect-padded like the training crops); 0 = off.
+    eval_shift: Count = Field(2, ge=0, le=16, description="test-time shift in pixels")
     ema_decay: Number | None = Field(
         0.999, gt=0, lt=1, description="evaluate a moving average of the weights (per step)"
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import Config
@@ -182,11 +183,14 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     precision: Precision,
     flip: bool = False,
+    shift: int = 0,
 ) -> EvalResult:
     """Mean per-image loss, accuracy and the confusion matrix, read back once at the end.
 
-    With `flip` it averages the logits of each image and its mirror (test-time
-    augmentation: a flipped photo is as plausible as the original).
+    Test-time augmentation averages the logits of several views of each image: with `flip`
+    the image and its mirror (a flipped photo is as plausible as the original), and with
+    `shift` each of those also moved `shift` pixels up-left and down-right, as a training
+    crop could have moved it.
     """
     was_training = model.training
     model.eval()
@@ -195,14 +199,27 @@ def evaluate(
     confusion = torch.zeros(c * c, device=precision.device, dtype=torch.int64)
     for images, labels in batches:
         with precision.autocast():
-            logits = model(images)
-            if flip:
-                logits = (logits + model(images.flip(3))) / 2
+            views = test_views(images, flip, shift)
+            logits = sum(model(v).float() for v in views) / len(views)
         loss_sum += loss_fn(logits.float(), labels).double() * _per_batch(loss_fn, labels)
         # One bincount over (true, predicted) pairs fills the whole matrix without a sync.
         confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
     model.train(was_training)
     return summarize(loss_sum, confusion.view(c, c))
+
+
+def test_views(images: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The image batch, its mirror (`flip`), and each moved by ±`shift` pixels diagonally,
+    the border reflected as in the training crops."""
+    views = [images, images.flip(3)] if flip else [images]
+    if shift <= 0:
+        return views
+    s = shift
+    out = []
+    for v in views:
+        padded = F.pad(v, (s, s, s, s), mode="reflect")
+        out += [v, padded[..., : -2 * s, : -2 * s], padded[..., 2 * s :, 2 * s :]]
+    return out
 
 
 def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:

@@ -15,7 +15,13 @@ from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
 
 # Only these may differ from the checkpoint's config: the model is the checkpoint's.
-EVAL_KEYS = ("data.", "train.eval_batch_size", "train.eval_flip", "train.device")
+EVAL_KEYS = (
+    "data.",
+    "train.eval_batch_size",
+    "train.eval_flip",
+    "train.eval_shift",
+    "train.device",
+)
 
 
 @dataclass
@@ -53,7 +59,8 @@ def eval_config(
     for item in sets:
         if not item.split("=", 1)[0].strip().startswith(EVAL_KEYS):
             raise UsageError(
-                f"--set {item}: evaluate takes only data.*, train.eval_flip and train.device"
+                f"--set {item}: evaluate takes only data.*, train.eval_flip, train.eval_shift "
+                "and train.device"
             )
     return resolve_config(None, {}, sets, base=base)
 
@@ -80,7 +87,8 @@ def evaluate_checkpoint(
         if split is not None:
             loader = DeviceLoader(split, cfg.data, cfg.train.eval_batch_size, dev, train=False,
                                   channels_last=cfg.model.channels_last)  # fmt: skip
+            t = cfg.train
             results[name] = evaluate(
-                model, loss_fn, loader.epoch(0), precision, cfg.train.eval_flip
+                model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
             )
     return Evaluation(path, list(data.classes), results)

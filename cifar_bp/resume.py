@@ -19,6 +19,7 @@ SAFE_KEYS = (
     "train.epochs",
     "train.eval_batch_size",
     "train.eval_flip",
+    "train.eval_shift",
     "train.checkpoint_every_n_steps",
     "train.max_nonfinite_steps",
     "train.device",

@@ -169,10 +169,11 @@ def evaluate_split(run: Run, split: Split) -> dict[str, Any]:
         channels_last=cfg.model.channels_last,
     )  # fmt: skip
     model = m.average.model if m.average is not None else m.model
-    scored = evaluate(model, m.loss_fn, loader.epoch(0), m.precision, cfg.train.eval_flip)
+    views = (cfg.train.eval_flip, cfg.train.eval_shift)
+    scored = evaluate(model, m.loss_fn, loader.epoch(0), m.precision, *views)
     out = {"loss": scored.loss, "accuracy": scored.accuracy, "confusion": scored.confusion}
     if m.average is not None:
-        live = evaluate(m.model, m.loss_fn, loader.epoch(0), m.precision, cfg.train.eval_flip)
+        live = evaluate(m.model, m.loss_fn, loader.epoch(0), m.precision, *views)
         out["accuracy_live"] = live.accuracy
     return out
 

@@ -1,4 +1,4 @@
-"""The weight average (train.ema_decay) and flip test-time augmentation (train.eval_flip)."""
+"""The weight average (train.ema_decay) and test-time augmentation (train.eval_flip, eval_shift)."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def test_weight_average_lerps_with_a_ramped_decay():
     assert again.updates == 201 and torch.equal(again.model.weight, avg.model.weight)
 
 
-def _score(model: torch.nn.Module, flip: bool, batches, loss_cfg: LossConfig | None = None):
+def _score(
+    model: torch.nn.Module, flip: bool, batches, loss_cfg: LossConfig | None = None, shift: int = 0
+):
     loss = build_loss(loss_cfg or LossConfig(label_smoothing=0.0))
     fp32 = Precision(torch.device("cpu"), None, False, "test")
-    return evaluate(model, loss, batches, fp32, flip)
+    return evaluate(model, loss, batches, fp32, flip, shift)
 
 
 def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
@@ -54,6 +56,35 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
     assert got.accuracy == pytest.approx(want_acc)
     plain = _score(model, False, [(images, labels)])
     assert plain.loss != pytest.approx(want_loss, rel=1e-5)  # the flip changes the answer
+
+
+def moved(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Each image's content moved dy rows down and dx columns right, the border reflected:
+    built pixel by pixel from index arithmetic, independently of the code under test."""
+    side = images.shape[-1]
+
+    def source(i: int, d: int) -> int:
+        j = abs(i - d)  # reflect about 0 and about side - 1, as reflect padding does
+        return 2 * (side - 1) - j if j > side - 1 else j
+
+    rows = torch.tensor([source(i, dy) for i in range(side)])
+    cols = torch.tensor([source(i, dx) for i in range(side)])
+    return images[:, :, rows][:, :, :, cols]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_eval_shift_adds_views_moved_diagonally_both_ways(flip):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels_last=False))
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    views = [images, images.flip(3)] if flip else [images]
+    views = [m for v in views for m in (v, moved(v, 2, 2), moved(v, -2, -2))]
+    with torch.no_grad():
+        logits = sum(model(v) for v in views) / len(views)
+    got = _score(model, flip, [(images, labels)], shift=2)
+    assert got.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert got.accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert got.loss != pytest.approx(_score(model, flip, [(images, labels)]).loss)
 
 
 def test_training_evaluates_and_keeps_the_weight_average(cli, tmp_path):

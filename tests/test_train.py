@@ -95,7 +95,10 @@ def test_evaluate_scores_the_checkpoint_on_its_own_and_other_data(cli, smoke_run
     assert other.exit_code == 0, other.stderr
     assert "(100 images)" in other.stdout and "accuracy per class" in other.stdout
     refused = cli("evaluate", "--checkpoint", run_dir, "--set", "model.activation=relu")
-    assert refused.exit_code == 2 and "data.*, train.eval_flip and train.device" in refused.stderr
+    assert (
+        refused.exit_code == 2
+        and "data.*, train.eval_flip, train.eval_shift and train.device" in refused.stderr
+    )
 
 
 def test_run_directory_is_never_overwritten(cli, tmp_path):

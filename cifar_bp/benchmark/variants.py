@@ -53,7 +53,8 @@ class Variant:
         if self.tutorial_optim:
             sets.update({"optim.name": "sgd", "optim.lr": TUTORIAL_LR, "optim.momentum": 0.0,
                          "optim.nesterov": False, "optim.scheduler": "none",
-                         "train.ema_decay": "null", "train.eval_flip": False})  # fmt: skip
+                         "train.ema_decay": "null", "train.eval_flip": False,
+                         "train.eval_shift": 0})  # fmt: skip
         return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sets.items()]
 
 
