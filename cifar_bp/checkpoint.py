@@ -99,6 +99,11 @@ def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CliError(f"{path}: the checkpoint holds no config")
+    # A key added since the checkpoint was written takes the value its run used, not
+    # today's default: before train.eval_shift, runs scored no shifted views.
+    train = cfg.get("train")
+    if isinstance(train, dict) and "eval_shift" not in train:
+        cfg = {**cfg, "train": {**train, "eval_shift": 0}}
     return cfg
 
 

@@ -111,3 +111,21 @@ def test_training_evaluates_and_keeps_the_weight_average(cli, tmp_path):
     # ... and their accuracy is logged beside the average's.
     live_logged = scalars(run_dir)["test/accuracy_live"][-1][1]
     assert live_logged == pytest.approx(raw.accuracy)
+
+
+def test_a_checkpoint_from_before_eval_shift_is_scored_as_its_run_scored_it(cli, tmp_path):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--run-name", "old", "-q",
+            "--epochs", "1", "--set", "data.train_size=256", "--set", "data.test_size=128",
+            "--set", "train.eval_flip=true"]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    path = tmp_path / "old" / "last.pt"
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["train"]["eval_shift"]  # as written before the key existed
+    torch.save(payload, path)
+    logged = scalars(tmp_path / "old")["test/loss"][-1][1]
+    report = json.loads(cli("evaluate", "--checkpoint", path, "--json").stdout)
+    assert report["results"]["test"]["loss"] == pytest.approx(logged, rel=1e-5)
+    shifted = cli("evaluate", "--checkpoint", path, "--json", "--set", "train.eval_shift=2")
+    assert json.loads(shifted.stdout)["results"]["test"]["loss"] != pytest.approx(
+        report["results"]["test"]["loss"]
+    )

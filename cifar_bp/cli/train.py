@@ -101,15 +101,20 @@ def evaluate(
         Path | None, typer.Option("--config", "-c", help="Take the data section from this file.")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Data overrides, e.g. --set data.root=/x")
+        list[str] | None,
+        typer.Option(
+            "--set", help="data.*, train.eval_flip/eval_shift overrides, e.g. data.root=/x"
+        ),
     ] = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a checkpoint: test loss, accuracy, per-class accuracy and the confusion matrix.
 
-    By default on the data it was trained with; --config/--set choose other data
-    (the model always comes from the checkpoint).
+    By default on the data it was trained with, and with the run's test-time views
+    (train.eval_flip: the mirror too; train.eval_shift: copies moved that many pixels), so
+    the figures match its logs. --config/--set choose other data or views, e.g. --set
+    train.eval_shift=0; the model always comes from the checkpoint.
     """
     from cifar_bp.evaluation import evaluate_checkpoint
     from cifar_bp.report import print_evaluation
