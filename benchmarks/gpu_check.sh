@@ -8,9 +8,8 @@
 # train` path with amp and compile on auto, (b) compiled at 64 and 512 beside (b) at 512,
 # (b) in fp16 + GradScaler) with images/s, GFLOP/s and share of the matmul peak measured in
 # the same run; then the real trainer on the default config (auto) at batch 64, 512 and 4096
-# (evaluation batches at least as large),
-# 50,000 synthetic images, each epoch timed with its evaluation. The targets are printed
-# next to the figures.
+# (evaluation batches at least as large), 50,000 synthetic images, each epoch timed with its
+# evaluation. The targets are printed next to the figures.
 # Exits non-zero on any error, on a missing package (all are listed before anything runs),
 # or on a host sync inside train_step (CUDA sync debug mode; fp16's GradScaler excepted).
 # Packages the GPU machine's Python lacks can be put in a folder on PYTHONPATH, e.g.
