@@ -199,26 +199,25 @@ def evaluate(
     confusion = torch.zeros(c * c, device=precision.device, dtype=torch.int64)
     for images, labels in batches:
         with precision.autocast():
-            views = test_views(images, flip, shift)
+            views = eval_views(images, flip, shift)
             logits = sum(model(v).float() for v in views) / len(views)
-        loss_sum += loss_fn(logits.float(), labels).double() * _per_batch(loss_fn, labels)
+        loss_sum += loss_fn(logits, labels).double() * _per_batch(loss_fn, labels)
         # One bincount over (true, predicted) pairs fills the whole matrix without a sync.
         confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
     model.train(was_training)
     return summarize(loss_sum, confusion.view(c, c))
 
 
-def test_views(images: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+def eval_views(images: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
     """The image batch, its mirror (`flip`), and each moved by ±`shift` pixels diagonally,
     the border reflected as in the training crops."""
     views = [images, images.flip(3)] if flip else [images]
     if shift <= 0:
         return views
-    s = shift
     out = []
     for v in views:
-        padded = F.pad(v, (s, s, s, s), mode="reflect")
-        out += [v, padded[..., : -2 * s, : -2 * s], padded[..., 2 * s :, 2 * s :]]
+        padded = F.pad(v, (shift,) * 4, mode="reflect")
+        out += [v, padded[..., : -2 * shift, : -2 * shift], padded[..., 2 * shift :, 2 * shift :]]
     return out
 
 

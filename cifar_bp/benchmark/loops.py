@@ -158,10 +158,10 @@ def sync_watch() -> Iterator[list[str]]:
     frame that made it plus the project frames that led there, e.g.
     `torch/cuda/__init__.py:1270 <- cifar_bp/engine.py:159`."""
     caught: list[str] = []
-    watching = [False]
+    watching = False
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if watching[0] and "synchroniz" in str(message):
+        if watching and "synchroniz" in str(message):
             caught.append(call_chain(f"{filename}:{lineno}"))
 
     with warnings.catch_warnings():
@@ -170,11 +170,11 @@ def sync_watch() -> Iterator[list[str]]:
         # Only what runs between the two switches counts: on an H200 with torch 2.11 the
         # switch itself reported a sync (torch/cuda/__init__.py, from set_sync_debug_mode).
         torch.cuda.set_sync_debug_mode("warn")
-        watching[0] = True
+        watching = True
         try:
             yield caught
         finally:
-            watching[0] = False
+            watching = False
             torch.cuda.set_sync_debug_mode("default")
 
 
