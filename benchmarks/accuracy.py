@@ -71,6 +71,15 @@ def train(name: str, seed: int, data_root: Path, args: argparse.Namespace) -> di
     return summarize(logdir / run_name, wall)
 
 
+def effective_seed(seed: int, sets: list[str]) -> int:
+    """The train.seed a run gets: a --set or --try item of it wins over --seeds."""
+    for item in reversed(sets):
+        key, _, value = item.partition("=")
+        if key.strip() == "train.seed":  # anything but digits is the CLI's to refuse
+            return int(value) if value.strip().isdigit() else seed
+    return seed
+
+
 def add_variants(tries: list[str]) -> list[str]:
     """`--try NAME=KEY=VALUE,KEY=VALUE`: the default recipe with those --set items, as NAME."""
     names = []
@@ -136,7 +145,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_root = args.root or unpack(args.archive, args.workdir)
     names = [n for n in args.only.split(",") if n] + add_variants(args.tries)
-    runs = list(itertools.product(names, [int(s) for s in args.seeds.split(",")]))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # One run per recipe and seed it really trains with (a --try may fix train.seed).
+    runs = list(dict.fromkeys((n, effective_seed(s, [*args.sets, *RECIPES[n][1]]))
+                              for n, s in itertools.product(names, seeds)))  # fmt: skip
     if args.jobs > 1:
         prime_cache(data_root, args.workdir)
 
