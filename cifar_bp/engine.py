@@ -221,6 +221,15 @@ def eval_views(images: torch.Tensor, flip: bool, shift: int) -> list[torch.Tenso
     return out
 
 
+def describe_views(flip: bool, shift: int) -> str | None:
+    """The line `train` prints about test-time augmentation; None for a single view."""
+    extra = ["mirror"] * flip + [f"±{shift} px diagonal shifts"] * (shift > 0)
+    if not extra:
+        return None
+    views = (2 if flip else 1) * (3 if shift > 0 else 1)
+    return f"evaluation: {views} views per image ({', '.join(extra)}), logits averaged"
+
+
 def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:
     """Weight that turns a batch's loss into a sum over its images: mean divides by the
     images (CE) or by images × classes (MSE and L1 against one-hot targets)."""

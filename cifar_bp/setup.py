@@ -16,7 +16,7 @@ from cifar_bp import checkpoint as ckpt
 from cifar_bp.config import Config, OptimConfig
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World, init_process_group, world_from_env
-from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable
+from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable, describe_views
 from cifar_bp.errors import CliError, UsageError
 from cifar_bp.hardware import (
     make_deterministic,
@@ -130,6 +130,8 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     compiled, why = resolve_compile(cfg.train, device)
     if compiled:
         announced.append(f"compile: on ({why})")
+    views = describe_views(cfg.train.eval_flip, cfg.train.eval_shift)
+    announced += [views] if views else []
     init_process_group(world, device)
     # Rank 0 first: a folder source is then decoded and cached once, not once per rank.
     data = world.main_first(lambda: load_dataset(cfg.data, cfg.train.seed))

@@ -129,3 +129,22 @@ def test_a_checkpoint_from_before_eval_shift_is_scored_as_its_run_scored_it(cli,
     assert json.loads(shifted.stdout)["results"]["test"]["loss"] != pytest.approx(
         report["results"]["test"]["loss"]
     )
+
+
+@pytest.mark.parametrize(
+    ("sets", "line"),
+    [
+        (["train.eval_flip=true", "train.eval_shift=2"],
+         "evaluation: 6 views per image (mirror, ±2 px diagonal shifts), logits averaged"),
+        (["train.eval_flip=true", "train.eval_shift=0"],
+         "evaluation: 2 views per image (mirror), logits averaged"),
+        (["train.eval_flip=false", "train.eval_shift=0"], None),
+    ],
+)  # fmt: skip
+def test_train_says_how_many_views_it_scores(cli, tmp_path, sets, line):
+    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1",
+            "--set", "data.train_size=128", "--set", "data.test_size=64"]  # fmt: skip
+    result = cli(*args, *(x for s in sets for x in ("--set", s)))
+    assert result.exit_code == 0, result.stderr
+    said = [t for t in (result.stdout + result.stderr).splitlines() if t.startswith("evaluation:")]
+    assert said == ([line] if line else [])
