@@ -56,9 +56,7 @@ class PlainReporter(QuietReporter):
         )
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
-        shown = "  ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("epoch_seconds")
-        )
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("seconds"))
         self.note(f"epoch {epoch}/{self.epochs} done in {seconds:.1f}s  {shown}")
 
 

@@ -205,7 +205,10 @@ def layout(param_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
         norms[title] = ["Multiline", [rf"^grad_norm/{re.escape(layer)}\.[^.]+$"]]
     speed = {
         "images per second": ["Multiline", [r"^train/images_per_s$"]],
-        "seconds per epoch": ["Multiline", [r"^train/epoch_seconds$"]],
+        "seconds per epoch: the steps, and each evaluation": [
+            "Multiline",
+            [r"^train/epoch_seconds$", r"^(val|test)/eval_seconds$"],
+        ],
         "AMP loss scale": ["Multiline", [r"^amp/scale$"]],
         "AMP skipped steps": ["Multiline", [r"^amp/skipped_steps$"]],
     }

@@ -96,6 +96,9 @@ def train_one_epoch(run: Run, reporter: Reporter, stop: StopRequest, window: Win
     """Train one epoch (or its remainder); True when a signal asked us to stop."""
     pos, cfg = run.pos, run.cfg
     steps = len(run.train_loader)
+    # The rate counts steps only: evaluation and the checkpoint since the last log point
+    # are not training time (they made each epoch's first point a fraction of the rest).
+    window.started, window.images = time.perf_counter(), 0
     batches = run.train_loader.epoch(pos.epoch, pos.step_in_epoch, pos.global_step)
     for images, labels in batches:
         norms = train_step(run.m, images, labels, run.meters)
@@ -134,7 +137,9 @@ def end_epoch(run: Run, window: Window, seconds: float) -> dict[str, float]:
     step, classes = run.pos.global_step, run.data.classes
     for name, split in (("val", run.data.val), ("test", run.data.test)):
         if split is not None:
-            scores = evaluate_split(run, split)
+            clock = time.perf_counter()
+            scores = evaluate_split(run, split)  # ends in a read-back, so the clock is true
+            metrics[f"{name}/eval_seconds"] = time.perf_counter() - clock
             metrics[f"{name}/loss"] = scores["loss"]
             metrics[f"{name}/accuracy"] = scores["accuracy"]
             if "accuracy_live" in scores:  # what the weight average buys over the live weights

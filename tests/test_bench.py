@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cifar_bp.benchmark import print_benchmark
+from cifar_bp.benchmark.check import epoch_parts, sync_verdict, train_epochs
 from cifar_bp.benchmark.check import parse as check_args
-from cifar_bp.benchmark.check import sync_verdict, train_epochs
 from cifar_bp.benchmark.loops import EngineLoop
 from cifar_bp.benchmark.variants import Variant, catalogue, choose, step_cost
 from cifar_bp.config import resolve_config
@@ -200,3 +200,9 @@ def test_gpu_check_times_train_epochs_with_their_evaluation():
     assert t["epoch_with_eval_s"] > 256 / t["images_per_s"] > 0  # evaluation takes time too
     assert t["wall_s"] > t["first_epoch_s"] + t["epoch_with_eval_s"]
     assert 0 <= t["test_accuracy"] <= 1
+    # The breakdown: steps and evaluation are parts of the epoch, the rest is what is left.
+    assert t["steps_s"] > 0 and t["eval_s"] > 0
+    assert t["steps_s"] + t["eval_s"] < t["epoch_with_eval_s"]
+    parts = epoch_parts(t)
+    assert parts.startswith(f"steps {t['steps_s']:.3f} s + evaluation {t['eval_s']:.3f} s")
+    assert parts.endswith(f"= {t['epoch_with_eval_s']:.3f} s")

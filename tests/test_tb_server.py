@@ -122,6 +122,11 @@ def test_custom_scalars_layout_is_served(server):
     assert titles[0] == "1. loss, accuracy, learning rate"
     charts = {c["title"]: c["multiline"]["tag"] for c in layout["category"][1]["chart"]}
     assert charts["conv1"] == [r"^grad_norm/model1\.conv1\.[^.]+$"]
+    speed = {c["title"]: c["multiline"]["tag"] for c in layout["category"][2]["chart"]}
+    assert speed["seconds per epoch: the steps, and each evaluation"] == [
+        r"^train/epoch_seconds$",
+        r"^(val|test)/eval_seconds$",
+    ]
 
 
 @pytest.mark.slow

@@ -112,6 +112,35 @@ def test_run_directory_is_never_overwritten(cli, tmp_path):
     assert sorted(p.name for p in (tmp_path / "once").iterdir()) == before
 
 
+def test_images_per_s_counts_steps_not_the_evaluation_before_them(cli, tmp_path, monkeypatch):
+    import time
+
+    import cifar_bp.trainer as trainer
+
+    scored = trainer.evaluate_split
+
+    def slow_evaluation(run, split):  # a slow evaluation between the epochs' steps
+        time.sleep(1.0)
+        return scored(run, split)
+
+    monkeypatch.setattr(trainer, "evaluate_split", slow_evaluation)
+    # One log point per epoch (its last step), so each rate spans one epoch's steps.
+    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "3", "-q",
+                 "--set", "data.train_size=256", "--set", "log.every_n_steps=1000",
+                 "--set", "log.histograms=false")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    series = scalars(only_run(tmp_path))
+    rates = [v for _, v in series["train/images_per_s"]]
+    seconds = [v for _, v in series["train/epoch_seconds"]]
+    assert len(rates) == len(seconds) == 3
+    for rate, epoch_s in zip(rates, seconds, strict=True):
+        # 256 images in the epoch's own time; a window spanning the 1 s evaluation before
+        # epochs 2 and 3 would give 256 / (epoch_s + 1) or less.
+        assert rate * epoch_s == pytest.approx(256, rel=0.2)
+    # Where that time went is logged beside the steps' own time.
+    assert [round(v) for _, v in series["test/eval_seconds"]] == [1, 1, 1]
+
+
 def test_offline_cifar10_gives_one_clear_message(cli, tmp_path):
     empty = tmp_path / "nodata"
     empty.mkdir()

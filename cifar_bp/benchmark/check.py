@@ -59,7 +59,7 @@ class EpochClock:
     """A train Reporter that times each epoch from its start to the end of its evaluation."""
 
     def __init__(self) -> None:
-        self.started, self.seconds, self.train_seconds = 0.0, [], []
+        self.started, self.seconds, self.train_seconds, self.eval_seconds = 0.0, [], [], []
 
     def note(self, message: str) -> None:
         print(message, flush=True)
@@ -74,6 +74,7 @@ class EpochClock:
         # Evaluation, the checkpoint and the TensorBoard flush all happen before this call.
         self.seconds.append(time.perf_counter() - self.started)
         self.train_seconds.append(metrics["train/epoch_seconds"])  # the steps alone
+        self.eval_seconds.append(sum(v for k, v in metrics.items() if k.endswith("/eval_seconds")))
 
 
 def train_epochs(device: torch.device, batch: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -99,9 +100,11 @@ def train_epochs(device: torch.device, batch: int, args: argparse.Namespace) -> 
         wall = time.perf_counter() - wall
     warm = clock.seconds[1:] or clock.seconds
     warm_train = clock.train_seconds[1:] or clock.train_seconds
+    warm_eval = clock.eval_seconds[1:] or clock.eval_seconds
     return {
         "batch_size": batch, "resolved": lines, "wall_s": wall, "settings": settings(resolved),
         "first_epoch_s": clock.seconds[0], "epoch_with_eval_s": statistics.median(warm),
+        "steps_s": statistics.median(warm_train), "eval_s": statistics.median(warm_eval),
         "images_per_s": args.train_size / statistics.median(warm_train),
         "first_images_per_s": args.train_size / clock.train_seconds[0],
         "test_accuracy": result.metrics.get("test/accuracy"),
@@ -136,6 +139,14 @@ def print_check(report: dict[str, Any], trains: list[dict[str, Any]]) -> None:
             out.print(line, soft_wrap=True)
     for t in trains:
         out.print(f"train at batch {t['batch_size']}: " + "; ".join(t["resolved"]), soft_wrap=True)
+        out.print(f"  its epoch: {epoch_parts(t)}", soft_wrap=True)
+
+
+def epoch_parts(t: dict[str, Any]) -> str:
+    """Where an epoch's time went (medians after warm-up), so a miss says what to fix."""
+    rest = t["epoch_with_eval_s"] - t["steps_s"] - t["eval_s"]
+    return (f"steps {t['steps_s']:.3f} s + evaluation {t['eval_s']:.3f} s + checkpoint, "
+            f"TensorBoard and figures {rest:.3f} s = {t['epoch_with_eval_s']:.3f} s")  # fmt: skip
 
 
 def bench_row(key: str, v: dict[str, Any], report: dict[str, Any]) -> list[str]:
