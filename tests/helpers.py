@@ -34,3 +34,14 @@ def only_run(logdir: Path) -> Path:
     runs = [p for p in logdir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def smoke_scalars(
+    cli: Cli, logdir: Path, *args: str, sets: tuple[str, ...] = ()
+) -> dict[str, list[tuple[int, float]]]:
+    """`train --config configs/smoke.yaml --logdir LOGDIR -q ARGS --set S...`, which must
+    succeed, and the one run's scalar series."""
+    flags = [flag for item in sets for flag in ("--set", item)]
+    result = cli("train", "--config", SMOKE, "--logdir", logdir, "-q", *args, *flags)
+    assert result.exit_code == 0, result.stderr
+    return scalars(only_run(logdir))

@@ -16,7 +16,7 @@ from cifar_bp.muon import (
     orthogonalize,
     orthogonalize_all,
 )
-from tests.helpers import SMOKE, only_run, scalars
+from tests.helpers import only_run, scalars, smoke_scalars
 
 
 @pytest.mark.parametrize("shape", [(32, 75), (800, 32), (64, 1024)])
@@ -67,11 +67,8 @@ def test_one_step_matches_adam_and_the_muon_rule():
 
 
 def test_training_with_muon_learns_and_resumes(cli, tmp_path):
-    args = ["train", "--config", SMOKE, "--logdir", tmp_path, "-q", "--epochs", "2",
-            "--set", "optim.name=muon", "--set", "optim.momentum=0.9"]  # fmt: skip
-    result = cli(*args)
-    assert result.exit_code == 0, result.stderr
-    accuracy = scalars(only_run(tmp_path))["test/accuracy"]
+    sets = ("optim.name=muon", "optim.momentum=0.9")
+    accuracy = smoke_scalars(cli, tmp_path, "--epochs", "2", sets=sets)["test/accuracy"]
     assert accuracy[-1][1] > 0.3  # 10 classes: chance is 0.1
     more = cli("train", "--resume", only_run(tmp_path), "--epochs", "3", "-q")
     assert more.exit_code == 0, more.stderr

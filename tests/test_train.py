@@ -14,7 +14,7 @@ from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, grad_norms, train_step
 from cifar_bp.hardware import pick_device
 from cifar_bp.setup import build_machinery
-from tests.helpers import SMOKE, only_run, scalars
+from tests.helpers import SMOKE, only_run, scalars, smoke_scalars
 
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
           for kind in ("weight", "bias")]  # fmt: skip
@@ -125,20 +125,19 @@ def test_images_per_s_counts_steps_not_the_evaluation_before_them(cli, tmp_path,
 
     monkeypatch.setattr(trainer, "evaluate_split", slow_evaluation)
     # One log point per epoch (its last step), so each rate spans one epoch's steps.
-    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "3", "-q",
-                 "--set", "data.train_size=256", "--set", "log.every_n_steps=1000",
-                 "--set", "log.histograms=false")  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    series = scalars(only_run(tmp_path))
+    sets = ("data.train_size=256", "log.every_n_steps=1000", "log.histograms=false")
+    series = smoke_scalars(cli, tmp_path, "--epochs", "3", sets=sets)
     rates = [v for _, v in series["train/images_per_s"]]
     seconds = [v for _, v in series["train/epoch_seconds"]]
     assert len(rates) == len(seconds) == 3
     for rate, epoch_s in zip(rates, seconds, strict=True):
-        # 256 images in the epoch's own time; a window spanning the 1 s evaluation before
-        # epochs 2 and 3 would give 256 / (epoch_s + 1) or less.
-        assert rate * epoch_s == pytest.approx(256, rel=0.2)
+        # The time the rate was measured over lies within the epoch's steps; a window that
+        # spanned the 1 s evaluation before epochs 2 and 3 would be a second longer.
+        window_s = 256 / rate
+        assert 0.5 * epoch_s < window_s < epoch_s + 0.5
     # Where that time went is logged beside the steps' own time.
-    assert [round(v) for _, v in series["test/eval_seconds"]] == [1, 1, 1]
+    evaluations = [v for _, v in series["test/eval_seconds"]]
+    assert len(evaluations) == 3 and all(v >= 1.0 for v in evaluations)
 
 
 def test_offline_cifar10_gives_one_clear_message(cli, tmp_path):
@@ -198,13 +197,10 @@ def test_grad_scaler_skipped_steps_are_counted():
 
 
 def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
-    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
-                 "--set", "train.grad_scaler=true", "--set", "train.init_scale=3e38",
-                 "--set", "data.normalize=true", "--set", "data.std=[1e-4, 1e-4, 1e-4]",
-                 "--set", "log.every_n_steps=1", "--set", "data.train_size=512",
-                 "--set", "train.max_nonfinite_steps=50")  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    series = scalars(only_run(tmp_path))
+    sets = ("train.grad_scaler=true", "train.init_scale=3e38", "data.normalize=true",
+            "data.std=[1e-4, 1e-4, 1e-4]", "log.every_n_steps=1", "data.train_size=512",
+            "train.max_nonfinite_steps=50")  # fmt: skip
+    series = smoke_scalars(cli, tmp_path, "--epochs", "1", sets=sets)
     skipped = [v for _, v in series["amp/skipped_steps"]]
     scale = [v for _, v in series["amp/scale"]]
     assert skipped[-1] > 0 and skipped == sorted(skipped)
@@ -214,9 +210,7 @@ def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
 @pytest.mark.parametrize("images", [64, 160, 256])  # 2, 5 and 8 steps in all
 def test_onecycle_on_a_tiny_run_trains_with_a_finite_schedule(cli, tmp_path, images):
     # OneCycleLR divides by each phase's length: a warm-up under one step used to crash.
-    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1", "-q",
-                 "--batch-size", "32", "--set", f"data.train_size={images}",
-                 "--set", "optim.scheduler=onecycle", "--set", "log.every_n_steps=1")  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    lrs = [v for _, v in scalars(only_run(tmp_path))["train/lr"]]
+    sets = (f"data.train_size={images}", "optim.scheduler=onecycle", "log.every_n_steps=1")
+    series = smoke_scalars(cli, tmp_path, "--epochs", "1", "--batch-size", "32", sets=sets)
+    lrs = [v for _, v in series["train/lr"]]
     assert len(lrs) == images // 32 and all(math.isfinite(v) and v > 0 for v in lrs)
