@@ -158,16 +158,40 @@ def make_deterministic(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """What this machine gets for a config: the device, the precision and compile."""
+
+    device: torch.device
+    precision: Precision
+    compiled: bool
+    compile_why: str
+
+    def lines(self) -> list[str]:
+        """One line each, with the reason: what `config show` prints at its top."""
+        return [f"device: {self.device}", self.precision.describe(),
+                f"compile: {self.compiled} ({self.compile_why})"]  # fmt: skip
+
+    def apply(self, cfg: Config) -> Config:
+        """`cfg` with every `auto` replaced by these choices."""
+        p = self.precision
+        train = cfg.train.model_copy(
+            update={"device": str(self.device), "amp": p.dtype is not None,
+                    "amp_dtype": p.name if p.dtype is not None else cfg.train.amp_dtype,
+                    "grad_scaler": p.scaler, "compile": self.compiled}
+        )  # fmt: skip
+        return cfg.model_copy(update={"train": train})
+
+
+def choose_hardware(cfg: Config, world: World) -> Hardware:
+    """Resolve device, precision and compile once; float16 on a CPU is refused here."""
+    device = pick_device(cfg, world)
+    precision = resolve_precision(cfg.train, device)
+    return Hardware(device, precision, *resolve_compile(cfg.train, device))
+
+
 def resolve_auto(cfg: Config, world: World | None = None) -> tuple[Config, list[str]]:
     """The config with every `auto` replaced by what this machine gets, and why (one line
-    each): what `config show` prints and what `train` announces."""
-    device = pick_device(cfg, world or World())
-    precision = resolve_precision(cfg.train, device)
-    compiled, compile_why = resolve_compile(cfg.train, device)
-    train = cfg.train.model_copy(
-        update={"device": str(device), "amp": precision.dtype is not None,
-                "amp_dtype": precision.name if precision.dtype is not None else cfg.train.amp_dtype,
-                "grad_scaler": precision.scaler, "compile": compiled}
-    )  # fmt: skip
-    lines = [f"device: {device}", precision.describe(), f"compile: {compiled} ({compile_why})"]
-    return cfg.model_copy(update={"train": train}), lines
+    each): what `config show` prints."""
+    hardware = choose_hardware(cfg, world or World())
+    return hardware.apply(cfg), hardware.lines()

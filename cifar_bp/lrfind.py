@@ -133,10 +133,11 @@ def build(cfg: Config) -> tuple[Any, Any]:
     """Machinery and training batches exactly as `train` would build them."""
     from cifar_bp.data import DeviceLoader, load_dataset
     from cifar_bp.distributed import World
-    from cifar_bp.hardware import pick_device
+    from cifar_bp.hardware import choose_hardware
     from cifar_bp.setup import build_machinery
 
-    device = pick_device(cfg, World())
+    hardware = choose_hardware(cfg, World())
+    device = hardware.device
     data = load_dataset(cfg.data, cfg.train.seed)
     loader = DeviceLoader(
         data.train, cfg.data, cfg.train.batch_size, device, train=True,
@@ -146,7 +147,7 @@ def build(cfg: Config) -> tuple[Any, Any]:
         raise CliError(f"the train split ({len(data.train)} images) is smaller than one batch")
     # build_machinery seeds with train.seed: every sweep of a config starts from the same
     # weights, the ones `train` would start from.
-    return build_machinery(cfg, device, World(), len(loader)), loader
+    return build_machinery(cfg, hardware, World(), len(loader)), loader
 
 
 def batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,6 +12,7 @@ from cifar_bp.config import Config
 from cifar_bp.data import Dataset, DeviceLoader
 from cifar_bp.distributed import World
 from cifar_bp.engine import Machinery, Meters
+from cifar_bp.hardware import Hardware
 from cifar_bp.tracking import Tracker
 
 
@@ -36,7 +37,8 @@ class Position:
 class Run:
     """Everything a training run holds between steps; built once, by `build_run`."""
 
-    cfg: Config
+    cfg: Config  # as given (`auto` kept): what checkpoints store, so a resume re-resolves
+    hardware: Hardware  # what `auto` became on this machine
     world: World
     data: Dataset
     data_identity: str

@@ -18,12 +18,7 @@ from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World, init_process_group, world_from_env
 from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable, describe_views
 from cifar_bp.errors import CliError, UsageError
-from cifar_bp.hardware import (
-    make_deterministic,
-    pick_device,
-    resolve_compile,
-    resolve_precision,
-)
+from cifar_bp.hardware import Hardware, choose_hardware, make_deterministic
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
 from cifar_bp.resume import Start, check_resume_data
@@ -86,9 +81,9 @@ def build_scheduler(
     return None
 
 
-def build_machinery(cfg: Config, device: torch.device, world: World, steps: int) -> Machinery:
+def build_machinery(cfg: Config, hardware: Hardware, world: World, steps: int) -> Machinery:
     """Model, optimizer, schedule, scaler, loss and weight average for `steps` per epoch."""
-    precision = resolve_precision(cfg.train, device)
+    device, precision = hardware.device, hardware.precision
     if cfg.train.deterministic:
         make_deterministic(device)
     elif device.type == "cuda":
@@ -100,7 +95,7 @@ def build_machinery(cfg: Config, device: torch.device, world: World, steps: int)
     optimizer = build_optimizer(cfg.optim, named)
     decay = cfg.train.ema_decay
     net = world.wrap(model, device)
-    if resolve_compile(cfg.train, device)[0]:
+    if hardware.compiled:
         net = torch.compile(net)
     scaler = torch.amp.GradScaler(
         device.type, init_scale=cfg.train.init_scale, enabled=precision.scaler
@@ -124,12 +119,12 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     """Validate and build everything; only then create (or lock) the run directory."""
     check_trainable(cfg)
     world = world_from_env()
-    device = pick_device(cfg, world)
     # Reject float16-on-CPU before any slow work, and say what was chosen and why.
-    announced = [resolve_precision(cfg.train, device).describe()]
-    compiled, why = resolve_compile(cfg.train, device)
-    if compiled:
-        announced.append(f"compile: on ({why})")
+    hardware = choose_hardware(cfg, world)
+    device = hardware.device
+    announced = [hardware.precision.describe()]
+    if hardware.compiled:
+        announced.append(f"compile: on ({hardware.compile_why})")
     views = describe_views(cfg.train.eval_flip, cfg.train.eval_shift)
     announced += [views] if views else []
     init_process_group(world, device)
@@ -145,7 +140,7 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     )  # fmt: skip
     if len(loader) == 0:
         raise CliError(f"the train split ({len(data.train)} images) is smaller than one batch")
-    m = build_machinery(cfg, device, world, len(loader))
+    m = build_machinery(cfg, hardware, world, len(loader))
     meters = Meters(device)
     pos, run_id = Position(), new_run_id()
     if start.payload is not None:
@@ -157,7 +152,7 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     except BaseException:
         lock.__exit__(None, None, None)  # no training will follow to release it
         raise
-    run = Run(cfg, world, data, identity, m, loader, tracker, run_dir, run_id, pos,
+    run = Run(cfg, hardware, world, data, identity, m, loader, tracker, run_dir, run_id, pos,
               meters, lock, resumed=start.payload is not None)  # fmt: skip
     if start.payload is not None:
         run.best = start.payload.get("best_metric", -math.inf)

@@ -64,10 +64,12 @@ class Tracker:
             self.writer.add_scalar(tag, value, step)
         self.csv.append(step, epoch, values)
 
-    def config_text(self, cfg: Config) -> None:
+    def config_text(self, cfg: Config, why: Sequence[str] = ()) -> None:
+        """The config as `config show` prints it: `auto` resolved, the reasons on top."""
         if self.writer is not None:
+            lines = [f"# {line}" for line in why] + cfg.to_yaml().splitlines()
             # Indented four spaces, TensorBoard's markdown shows it as a code block.
-            block = "\n".join("    " + line for line in cfg.to_yaml().splitlines())
+            block = "\n".join("    " + line for line in lines)
             self.writer.add_text("config", block, 0)
 
     def run_start(
@@ -77,8 +79,10 @@ class Tracker:
         labels: torch.Tensor,
         classes: Sequence[str],
         cfg: Config,
+        scaler: bool,
     ) -> None:
-        """Once per new run: the graph, the first batch as the net sees it, the layout."""
+        """Once per new run: the graph, the first batch as the net sees it, the layout
+        (with the loss-scale charts where a GradScaler runs)."""
         if self.writer is None:
             return
         import torch
@@ -89,7 +93,7 @@ class Tracker:
         self.figure(
             "inputs/first_batch", 0, "image_grid", *input_grid(images, labels, classes, cfg)
         )
-        self.writer.add_custom_scalars(layout([n for n, p in model.named_parameters()]))
+        self.writer.add_custom_scalars(layout([n for n, p in model.named_parameters()], scaler))
 
     def histograms(self, named_params: Sequence[tuple[str, nn.Parameter]], step: int) -> None:
         """Weights and (already unscaled) gradients of every parameter."""
@@ -174,7 +178,9 @@ def hparam_values(cfg: Config) -> dict[str, float | str]:
         node: Any = tree
         for part in key.split("."):
             node = node[part]
-        if isinstance(node, bool) or node is None:
+        if key == "train.amp" and node is True:
+            out[key] = cfg.train.amp_dtype  # the autocast dtype this run trained in
+        elif isinstance(node, bool) or node is None:
             out[key] = str(node).lower()
         elif isinstance(node, int | float):
             out[key] = float(node)
@@ -183,11 +189,13 @@ def hparam_values(cfg: Config) -> dict[str, float | str]:
     return out
 
 
-def layout(param_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+def layout(param_names: Sequence[str], scaler: bool) -> dict[str, dict[str, list[Any]]]:
     """The Custom Scalars page: what matters first, then one chart per layer's norms.
 
-    Identical for every run of the same net, so TensorBoard merges the layouts of a
-    compare parent's runs into one. Loss per image puts mean and sum runs on one scale.
+    TensorBoard merges the layouts of the runs it shows, chart by chart without repeats, so
+    the runs of a compare parent share one page. Loss per image puts mean and sum runs on
+    one scale. The loss-scale charts come only with a GradScaler (float16), the only
+    precision that writes `amp/*`: an empty chart would only puzzle.
     """
     learning = {
         "loss per image (mean and sum runs compare)": [
@@ -209,9 +217,10 @@ def layout(param_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
             "Multiline",
             [r"^train/epoch_seconds$", r"^(val|test)/eval_seconds$"],
         ],
-        "AMP loss scale": ["Multiline", [r"^amp/scale$"]],
-        "AMP skipped steps": ["Multiline", [r"^amp/skipped_steps$"]],
     }
+    if scaler:
+        speed["AMP loss scale"] = ["Multiline", [r"^amp/scale$"]]
+        speed["AMP skipped steps"] = ["Multiline", [r"^amp/skipped_steps$"]]
     return {
         "1. loss, accuracy, learning rate": learning,
         "2. gradient norms per layer": norms,

@@ -86,7 +86,7 @@ def train(
                 window.metrics = end_epoch(run, window, time.perf_counter() - started)
                 reporter.epoch_end(run.pos.epoch, window.metrics, time.perf_counter() - started)
             out = result(run, window)
-            run.tracker.hparams(cfg, out.metrics)
+            run.tracker.hparams(run.hardware.apply(cfg), out.metrics)  # `auto` as resolved
             return out
     finally:
         run.tracker.close()
@@ -188,9 +188,10 @@ def evaluate_split(run: Run, split: Split) -> dict[str, Any]:
 
 def start_tensorboard(run: Run) -> None:
     """Once per new run: the config, the model graph, a batch as the net sees it, the layout."""
-    run.tracker.config_text(run.cfg)
+    run.tracker.config_text(run.hardware.apply(run.cfg), run.hardware.lines())
     images, labels = next(iter(run.train_loader.epoch(0)))
-    run.tracker.run_start(run.m.plain, images, labels, run.data.classes, run.cfg)
+    run.tracker.run_start(run.m.plain, images, labels, run.data.classes, run.cfg,
+                          run.m.scaler.is_enabled())  # fmt: skip
 
 
 def log_window(run: Run, reporter: Reporter, window: Window, norms: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, train_step
-from cifar_bp.hardware import pick_device
+from cifar_bp.hardware import choose_hardware
 from cifar_bp.setup import build_machinery
 from cifar_bp.tracking import Tracker
 
@@ -40,11 +40,12 @@ def main() -> None:
     sets = ["data.source=synthetic", f"data.train_size={images}", "data.test_size=64"]
     cfg = resolve_config(None, {"device": "cpu"}, sets)
     world = World(rank=0, size=1, local_rank=0)
-    device = pick_device(cfg, world)
+    hardware = choose_hardware(cfg, world)
+    device = hardware.device
     data = load_dataset(cfg.data, cfg.train.seed)
     loader = DeviceLoader(data.train, cfg.data, cfg.train.batch_size, device, train=True, seed=0)
     per_epoch = math.ceil(CIFAR_TRAIN_IMAGES / cfg.train.batch_size)
-    m = build_machinery(cfg, device, world, per_epoch)
+    m = build_machinery(cfg, hardware, world, per_epoch)
     meters = Meters(device)
     batches = iter(loader.epoch(0))
     for _ in range(10):  # warm-up: first-call allocations and kernel choice

@@ -13,7 +13,13 @@ from cifar_bp.config import TrainConfig, resolve_config
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, train_step
 from cifar_bp.errors import UsageError
-from cifar_bp.hardware import Capabilities, make_deterministic, resolve_compile, resolve_precision
+from cifar_bp.hardware import (
+    Capabilities,
+    choose_hardware,
+    make_deterministic,
+    resolve_compile,
+    resolve_precision,
+)
 from cifar_bp.setup import build_machinery
 from tests.helpers import SMOKE
 
@@ -117,7 +123,7 @@ def test_scaler_step_takes_norms_and_clips_the_unscaled_gradients():
     sets = ["train.amp=false", "train.grad_scaler=true", "optim.name=sgd", "optim.lr=0.1",
             "optim.momentum=0", "optim.nesterov=false", "optim.grad_clip=0.05"]  # fmt: skip
     cfg = resolve_config(SMOKE, {}, sets)
-    m = build_machinery(cfg, CPU, World(), steps=1)
+    m = build_machinery(cfg, choose_hardware(cfg, World()), World(), steps=1)
     assert m.scaler.is_enabled() and m.scaler.get_scale() == 2.0**16
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32, generator=gen), torch.arange(16) % 10

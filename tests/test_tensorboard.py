@@ -18,6 +18,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from cifar_bp.checkpoint import load_checkpoint
 from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, load_dataset
+from cifar_bp.distributed import World
+from cifar_bp.hardware import choose_hardware
 from cifar_bp.tracking import HPARAM_KEYS, METRIC_TAGS, MetricsCsv, Tracker, pixels_of
 from tests.helpers import SMOKE, only_run, scalars
 
@@ -115,10 +117,24 @@ def test_layout_leads_with_loss_accuracy_and_lr_and_groups_norms_per_layer(run):
     for layer in ("conv1", "conv2", "conv3", "linear1", "linear2"):
         matched = {t for t in tags for rx in norms[layer] if re.search(rx, t)}
         assert matched == {f"grad_norm/model1.{layer}.weight", f"grad_norm/model1.{layer}.bias"}
+    # No GradScaler here (bf16 or float32), so no loss-scale charts that nothing fills.
+    speed = [c.title for c in layout.category[2].chart]
+    assert speed == ["images per second", "seconds per epoch: the steps, and each evaluation"]
     per_image = layout.category[0].chart[0].multiline.tag
     assert {t for t in tags for rx in per_image if re.search(rx, t)} == {
         "train/loss_per_image", "test/loss"
     }  # fmt: skip
+
+
+def test_config_text_is_config_show_with_the_reasons_on_top(run):
+    _, acc = run
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    lines = [line.removeprefix("    ") for line in text.splitlines()]
+    hardware = choose_hardware(resolve_config(SMOKE, {}, []), World())
+    assert lines[:3] == [f"# {line}" for line in hardware.lines()]
+    assert lines[0] == "# device: cpu" and lines[1].startswith("# precision: ")
+    assert "  amp: auto" not in lines and "  compile: auto" not in lines
+    assert f"  amp: {str(hardware.precision.dtype is not None).lower()}" in lines
 
 
 def test_hparams_hold_the_defining_keys_as_numbers_or_text(run):
@@ -130,7 +146,10 @@ def test_hparams_hold_the_defining_keys_as_numbers_or_text(run):
     assert hp["loss.name"].string_value == "ce" and hp["loss.reduction"].string_value == "mean"
     assert hp["optim.lr"].number_value == pytest.approx(0.002)
     assert hp["train.epochs"].number_value == 2
-    assert hp["train.amp"].string_value == "auto"  # text, not 1.0000
+    # The precision the run trained in, as text: `auto` resolved, bf16 on a CPU only where
+    # it is native.
+    expected = choose_hardware(resolve_config(SMOKE, {}, []), World()).precision
+    assert hp["train.amp"].string_value == ("false" if expected.dtype is None else expected.name)
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == list(METRIC_TAGS)
     # The columns read scalars the run logs anyway: no one-point hparam/* cards.

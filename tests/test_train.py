@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
 from typer.testing import CliRunner
 
 from cifar_bp.cli import app
 from cifar_bp.config import resolve_config
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, grad_norms, train_step
-from cifar_bp.hardware import pick_device
+from cifar_bp.hardware import choose_hardware
 from cifar_bp.setup import build_machinery
 from tests.helpers import SMOKE, only_run, scalars, smoke_scalars
 
@@ -156,7 +158,7 @@ def test_offline_cifar10_gives_one_clear_message(cli, tmp_path):
 def _machinery(init_scale: float):
     sets = ["train.amp=false", "train.grad_scaler=true", f"train.init_scale={init_scale}"]
     cfg = resolve_config(SMOKE, {}, sets)
-    return cfg, build_machinery(cfg, pick_device(cfg, World()), World(), steps=10)
+    return cfg, build_machinery(cfg, choose_hardware(cfg, World()), World(), steps=10)
 
 
 def test_grad_scaler_norms_are_the_unscaled_norms():
@@ -202,6 +204,15 @@ def test_grad_scaler_state_reaches_tensorboard(cli, tmp_path):
             "train.max_nonfinite_steps=50")  # fmt: skip
     series = smoke_scalars(cli, tmp_path, "--epochs", "1", sets=sets)
     skipped = [v for _, v in series["amp/skipped_steps"]]
+    # With a GradScaler the layout has the charts for these two series.
+    raw = EventAccumulator(str(only_run(tmp_path)), size_guidance={"tensors": 0})
+    raw.Reload()
+    layout = Layout.FromString(
+        raw.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[2].chart}
+    assert charts["AMP loss scale"] == [r"^amp/scale$"]
+    assert charts["AMP skipped steps"] == [r"^amp/skipped_steps$"]
     scale = [v for _, v in series["amp/scale"]]
     assert skipped[-1] > 0 and skipped == sorted(skipped)
     assert scale[-1] == pytest.approx(3e38 * 0.5 ** skipped[-1], rel=1e-6)

@@ -22,7 +22,7 @@ from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, Split
 from cifar_bp.distributed import World
 from cifar_bp.engine import Meters, train_step
-from cifar_bp.hardware import pick_device, resolve_compile
+from cifar_bp.hardware import choose_hardware
 from cifar_bp.model import ReferenceNet
 from cifar_bp.setup import build_machinery
 
@@ -43,16 +43,17 @@ class EngineLoop:
         # One epoch more than timed: the schedule must also cover the sync check's steps.
         flags = {"device": str(device), "epochs": epochs + 1}
         cfg = resolve_config(None, flags, variant.overrides())
-        self.device = pick_device(cfg, World())
+        hardware = choose_hardware(cfg, World())
+        self.device = hardware.device
         self.loader = DeviceLoader(
             split, cfg.data, cfg.train.batch_size, self.device, train=True, seed=cfg.train.seed,
             channels_last=cfg.model.channels_last,
         )  # fmt: skip
-        self.m = build_machinery(cfg, self.device, World(), len(self.loader))
+        self.m = build_machinery(cfg, hardware, World(), len(self.loader))
         self.meters = Meters(self.device)
         self.sync_debug = sync and self.device.type == "cuda"
         self.epochs = epochs
-        compiled = resolve_compile(cfg.train, self.device)[0]
+        compiled = hardware.compiled
         self.settings = describe(True, self.m.precision.name, self.m.precision.scaler,
                                  cfg.model.channels_last, compiled, cfg.optim.name)  # fmt: skip
         self.resolved = {"batch_size": cfg.train.batch_size, "precision": self.m.precision.name,
