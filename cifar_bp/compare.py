@@ -195,8 +195,38 @@ def status(outcome: ComparedRun) -> str:
     return f"stopped by {outcome.result.stopped_by}" if outcome.result.stopped_by else "finished"
 
 
-def comparison_table(outcomes: list[ComparedRun]) -> Table:
-    """Runs as columns, so a run's numbers read top to bottom and runs compare across."""
+def comparison_tables(outcomes: list[ComparedRun], width: int) -> list[Table]:
+    """Runs as columns, so a run's numbers read top to bottom and runs compare across; as
+    many runs to a table as fit in `width` columns, so no name or number is cut short."""
+    rows = comparison_rows(outcomes)
+    labels = ["", *(o.label for o in outcomes)]
+
+    def need(i: int) -> int:  # a column's longest unbreakable word, plus padding and border
+        cells = [str(row[i]) for row in [labels, *rows]]
+        words = cells if i == 0 else [w for cell in cells for w in cell.split()]  # 0: no_wrap
+        return max(map(len, words), default=1) + 3
+
+    groups: list[list[int]] = [[]]
+    room = width - need(0) - 1
+    for i in range(1, len(labels)):
+        if groups[-1] and sum(map(need, groups[-1])) + need(i) > room:
+            groups.append([])
+        groups[-1].append(i)
+    optim = outcomes[0].cfg.optim
+    title = f"Comparison (optimizer {optim.name}, lr {optim.lr:g})"
+    out = []
+    for group in groups:
+        part = "" if len(groups) == 1 else f", runs {group[0]}–{group[-1]} of {len(outcomes)}"
+        pick = [0, *group]
+        chosen = table(title + part, [escape(labels[i]) for i in pick],
+                       [[row[i] for i in pick] for row in rows])  # fmt: skip
+        chosen.columns[0].no_wrap = True
+        out.append(chosen)
+    return out
+
+
+def comparison_rows(outcomes: list[ComparedRun]) -> list[tuple[Any, ...]]:
+    """The table's rows: a label, then one cell per run."""
 
     def metric(o: ComparedRun, *keys: str) -> str:
         found = o.result.metrics if o.result is not None else {}
@@ -213,11 +243,7 @@ def comparison_table(outcomes: list[ComparedRun]) -> Table:
     for name in finished[0].grad_norm_means if finished else []:
         means = (_g(o.result.grad_norm_means.get(name) if o.result else None) for o in outcomes)
         rows.append((f"mean ‖g‖ {name.removeprefix('model1.')}", *means))
-    optim = outcomes[0].cfg.optim
-    title = f"Comparison (optimizer {optim.name}, lr {optim.lr:g})"
-    out = table(title, ["", *(escape(o.label) for o in outcomes)], rows)
-    out.columns[0].no_wrap = True
-    return out
+    return rows
 
 
 def per_image_note(outcomes: list[ComparedRun]) -> str:

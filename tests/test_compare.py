@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -151,3 +154,22 @@ def test_existing_comparison_is_never_overwritten(comparison, cli):
     result = cli("compare", *FAST, "--logdir", parent.parent, "--run-name", parent.name)
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert sorted(p.name for p in parent.iterdir()) == LABELS
+
+
+def test_six_runs_at_80_columns_split_into_tables_that_cut_nothing(tmp_path):
+    # A process of its own: rich reads COLUMNS once, when the console is made.
+    args = [*FAST, "--losses", "ce,mse,l1", "--reductions", "mean,sum", "--set", "optim.name=sgd",
+            "--set", "optim.lr=0.01", "--logdir", str(tmp_path), "-q"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar_bp", "compare", *map(str, args)], capture_output=True,
+        text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "…" not in out  # rich's mark for a cell it cut short
+    assert max(len(line) for line in out.splitlines() if line.startswith(("│", "┃"))) <= 80
+    titles = [line.strip() for line in out.splitlines() if line.startswith("Comparison (")]
+    assert len(titles) >= 2 and titles[-1].endswith("of 6")
+    header = " ".join(line for line in out.splitlines() if line.startswith("┃"))
+    assert all(f" {label} " in header for label in LABELS)
+    assert "mean ‖g‖ linear1.weight" in out

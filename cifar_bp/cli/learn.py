@@ -202,7 +202,7 @@ def compare(
     run_name: Annotated[
         str | None,
         typer.Option(
-            "--run-name", help="Name of the comparison's directory [default: compare-<time>]."
+            "--run-name", help="Name of the comparison's directory [default: compare-DATE-TIME]."
         ),
     ] = None,
     quiet: Annotated[
@@ -225,7 +225,7 @@ def compare(
     """
     from cifar_bp.compare import (
         comparison_notes,
-        comparison_table,
+        comparison_tables,
         make_compare_reporter,
         plan_comparison,
         run_comparison,
@@ -243,7 +243,8 @@ def compare(
     finally:
         reporter.close()
     if main_rank:
-        console.print(comparison_table(outcomes))
+        for part in comparison_tables(outcomes, console.width):
+            console.print(part)
         for note in comparison_notes(outcomes):
             console.print(note, markup=False, soft_wrap=True)
         where = plan.parent
