@@ -196,10 +196,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CliError(
-            f"{path} is not a readable checkpoint (truncated or not one): {first}"
-        ) from None
+        why = why_unreadable(path, err)
+        raise CliError(f"{path} is not a readable checkpoint: {why}") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CliError(f"{path} is not a cifar-bp checkpoint (it has no format_version)")
     if payload["format_version"] != FORMAT_VERSION:
@@ -211,6 +209,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CliError(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
     return payload
+
+
+def why_unreadable(path: Path, err: Exception) -> str:
+    """What a file that torch.load refused is, in words a user can act on (torch's own
+    message for a refused object suggests weights_only=False, which is no advice here)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (legacy: pickle)
+        return "it is not a file torch.save wrote (give a last.pt/best.pt or a run folder)"
+    if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        return (
+            "it holds Python objects besides tensors and plain values, so cifar-bp did not "
+            "write it, and loading it could run code"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"truncated or damaged ({first[:200]})"
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

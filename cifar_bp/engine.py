@@ -199,8 +199,7 @@ def evaluate(
     confusion = torch.zeros(c * c, device=precision.device, dtype=torch.int64)
     for images, labels in batches:
         with precision.autocast():
-            views = eval_views(images, flip, shift)
-            logits = sum(model(v).float() for v in views) / len(views)
+            logits = view_logits(model, images, flip, shift)
         loss_sum += loss_fn(logits, labels).double() * _per_batch(loss_fn, labels)
         # One bincount over (true, predicted) pairs fills the whole matrix without a sync.
         confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
@@ -221,13 +220,30 @@ def eval_views(images: torch.Tensor, flip: bool, shift: int) -> list[torch.Tenso
     return out
 
 
-def describe_views(flip: bool, shift: int) -> str | None:
-    """The line `train` prints about test-time augmentation; None for a single view."""
+def view_logits(model: nn.Module, images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+    """The float32 logits of `eval_views`, averaged: what evaluation and predict score."""
+    views = eval_views(images, flip, shift)
+    return sum(model(v).float() for v in views) / len(views)
+
+
+def describe_views(flip: bool, shift: int) -> str:
+    """How many views of each image are scored, e.g. `6 views per image (mirror, ±2 px
+    diagonal shifts), logits averaged`."""
     extra = ["mirror"] * flip + [f"±{shift} px diagonal shifts"] * (shift > 0)
     if not extra:
-        return None
-    views = (2 if flip else 1) * (3 if shift > 0 else 1)
-    return f"evaluation: {views} views per image ({', '.join(extra)}), logits averaged"
+        return "1 view per image (as given)"
+    return f"{view_count(flip, shift)} views per image ({', '.join(extra)}), logits averaged"
+
+
+def view_count(flip: bool, shift: int) -> int:
+    """len(eval_views(...)) without making them."""
+    return (2 if flip else 1) * (3 if shift > 0 else 1)
+
+
+def describe_scoring(averaged: bool, flip: bool, shift: int) -> str:
+    """The line `evaluate` and `predict` print first: which weights, how many views."""
+    weights = "the weight average" if averaged else "the trained weights (no weight average)"
+    return f"scoring: {weights}, {describe_views(flip, shift)}"
 
 
 def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:

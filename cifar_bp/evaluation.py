@@ -8,7 +8,7 @@ from typing import Any
 
 from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
 from cifar_bp.config import Config, read_yaml, resolve_config
-from cifar_bp.engine import EvalResult, evaluate
+from cifar_bp.engine import EvalResult, describe_scoring, evaluate, view_count
 from cifar_bp.errors import UsageError
 from cifar_bp.hardware import resolve_device, resolve_precision
 from cifar_bp.losses import build_loss
@@ -29,11 +29,20 @@ class Evaluation:
     checkpoint: Path
     classes: list[str]
     results: dict[str, EvalResult]
+    averaged: bool  # the run's weight average was scored
+    flip: bool
+    shift: int
+
+    @property
+    def scoring(self) -> str:
+        return describe_scoring(self.averaged, self.flip, self.shift)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "checkpoint": str(self.checkpoint),
             "classes": self.classes,
+            "weights": "average" if self.averaged else "trained",
+            "views": view_count(self.flip, self.shift),
             "results": {split: split_dict(r) for split, r in self.results.items()},
         }
 
@@ -83,12 +92,13 @@ def evaluate_checkpoint(
     # The precision the run trained and evaluated with, so the figures match its logs.
     precision = resolve_precision(cfg.train, dev)
     results = {}
+    t = cfg.train
     for name, split in (("val", data.val), ("test", data.test)):
         if split is not None:
-            loader = DeviceLoader(split, cfg.data, cfg.train.eval_batch_size, dev, train=False,
+            loader = DeviceLoader(split, cfg.data, t.eval_batch_size, dev, train=False,
                                   channels_last=cfg.model.channels_last)  # fmt: skip
-            t = cfg.train
             results[name] = evaluate(
                 model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
             )
-    return Evaluation(path, list(data.classes), results)
+    averaged = bool(payload.get("average"))
+    return Evaluation(path, list(data.classes), results, averaged, t.eval_flip, t.eval_shift)

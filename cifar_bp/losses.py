@@ -56,6 +56,20 @@ def build_loss(cfg: LossConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
     return OneHotLoss(criterion, num_classes, on_probs=cfg.input == "probs")
 
 
+def unused_settings(cfg: LossConfig) -> str | None:
+    """A note when the config sets cross-entropy options on MSE or L1, which have none
+    (`default.yaml` smooths labels; `--loss mse` keeps that key but cannot use it)."""
+    if cfg.name == "ce":
+        return None
+    unused = [f"label_smoothing {cfg.label_smoothing:g}"] * (cfg.label_smoothing > 0)
+    unused += ["class weights"] * (cfg.weight is not None)
+    plain_index = LossConfig.model_fields["ignore_index"].default
+    unused += [f"ignore_index {cfg.ignore_index}"] * (cfg.ignore_index != plain_index)
+    if not unused:
+        return None
+    return f"loss: {cfg.name} ignores {', '.join(unused)} (cross-entropy settings)"
+
+
 def per_image(loss: float, cfg: LossConfig, batch: int) -> float:
     """A batch's loss per image, so mean- and sum-reduced runs share a scale: sum adds the
     batch's images up; mean averages over the images (CE) or over images × classes (MSE, L1,

@@ -2,7 +2,10 @@
 
 Each image is read with PIL, converted to RGB and resized to 32×32 the way the tutorial's
 course does (torchvision's `Resize((32, 32))`: bilinear with antialiasing, aspect ratio
-not kept), then normalised with the checkpoint's own statistics.
+not kept), then normalised with the checkpoint's own statistics, and scored as the run's
+evaluation scored its images: the weight average where it kept one, and the logits of its
+test-time views (train.eval_flip, train.eval_shift) averaged, so that a folder of the
+run's test images gets the accuracy `evaluate` reports.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ class Trained:
     std: tuple[float, float, float]
     classes: list[str]
     averaged: bool  # the weights are the run's moving average
+    flip: bool = False  # the run's test-time views (train.eval_flip, train.eval_shift)
+    shift: int = 0
+
+    @property
+    def scoring(self) -> str:
+        from cifar_bp.engine import describe_scoring
+
+        return describe_scoring(self.averaged, self.flip, self.shift)
 
 
 def load_trained(path: Path) -> Trained:
@@ -55,7 +66,9 @@ def load_trained(path: Path) -> Trained:
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     classes = list(payload.get("classes") or CLASSES)
-    return Trained(model.eval(), mean, std, classes, bool(payload.get("average")))
+    train = cfg.get("train", {})
+    flip, shift = bool(train.get("eval_flip", False)), int(train.get("eval_shift", 0))
+    return Trained(model.eval(), mean, std, classes, bool(payload.get("average")), flip, shift)
 
 
 @dataclass
@@ -124,7 +137,7 @@ def read_image(path: Path) -> tuple[torch.Tensor, list[str]]:
         with Image.open(path) as img:
             img.load()
             notes = [] if img.mode == "RGB" else [f"converted {img.mode} to RGB"]
-            rgb = img.convert("RGB")
+            rgb = eight_bit(img).convert("RGB")
     except UnidentifiedImageError:
         raise CliError(f"{path}: not an image PIL can read") from None
     except OSError as err:
@@ -139,6 +152,25 @@ def read_image(path: Path) -> tuple[torch.Tensor, list[str]]:
     return pixels.view(SIDE, SIDE, 3).permute(2, 0, 1).contiguous(), notes
 
 
+def eight_bit(img: Any) -> Any:
+    """A 16-bit or float greyscale image brought to 8 bits by its range. PIL's own
+    conversion clips these at 255, which turns a 16-bit photo white."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64)
+    peak = float(values.max(initial=0.0))
+    # 16-bit modes span 0..65535; a float image usually 0..1; "I" is 16-bit from a PNG.
+    if img.mode.startswith("I;16") or peak > 255:
+        top = 65535.0
+    else:
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)
+
+
 def preprocess(images: torch.Tensor, trained: Trained) -> torch.Tensor:
     """uint8 N×3×32×32 → the float input the network was trained on."""
     mean = torch.tensor(trained.mean).view(1, 3, 1, 1)
@@ -149,16 +181,22 @@ def preprocess(images: torch.Tensor, trained: Trained) -> torch.Tensor:
 @torch.no_grad()
 def probabilities(trained: Trained, images: torch.Tensor) -> torch.Tensor:
     """Softmax over all classes for uint8 N×3×32×32, in float32, a batch at a time."""
-    chunks = [
-        torch.softmax(trained.model(preprocess(images[i : i + BATCH], trained)).float(), dim=1)
-        for i in range(0, len(images), BATCH)
-    ]
+    from cifar_bp.engine import view_logits
+
+    t = trained
+    batches = (preprocess(images[i : i + BATCH], t) for i in range(0, len(images), BATCH))
+    chunks = [torch.softmax(view_logits(t.model, x, t.flip, t.shift), dim=1) for x in batches]
     return torch.cat(chunks)
 
 
-def predict(specs: list[str], checkpoint: Path, top_k: int) -> list[Prediction]:
-    """One entry per file, in order: its top-k classes, or why it could not be read."""
+def predict(
+    specs: list[str], checkpoint: Path, top_k: int, single_view: bool = False
+) -> tuple[Trained, list[Prediction]]:
+    """One entry per file, in order: its top-k classes, or why it could not be read; and
+    the network that answered (`single_view`: the image as given, as the ONNX export does)."""
     trained = load_trained(checkpoint)
+    if single_view:
+        trained.flip, trained.shift = False, 0
     if not 1 <= top_k <= len(trained.classes):
         raise UsageError(f"--top-k must be between 1 and {len(trained.classes)}, got {top_k}")
     entries = expand_paths(specs)
@@ -180,10 +218,10 @@ def predict(specs: list[str], checkpoint: Path, top_k: int) -> list[Prediction]:
         values, index = probs.topk(top_k, dim=1)
         for (pred, _), vals, idx in zip(readable, values.tolist(), index.tolist(), strict=True):
             pred.top = [(trained.classes[i], v) for i, v in zip(idx, vals, strict=True)]
-    return results
+    return trained, results
 
 
-def print_predictions(results: list[Prediction], json_out: bool) -> bool:
+def print_predictions(trained: Trained, results: list[Prediction], json_out: bool) -> bool:
     """Print the results (errors also on stderr); True when every file was classified."""
     import json
 
@@ -193,8 +231,14 @@ def print_predictions(results: list[Prediction], json_out: bool) -> bool:
         if pred.error is not None:
             typer.echo(f"error: {pred.path}: {pred.error}", err=True)
     if json_out:
-        typer.echo(json.dumps([pred.as_dict() for pred in results], indent=2, ensure_ascii=False))
+        from cifar_bp.engine import view_count
+
+        how = {"weights": "average" if trained.averaged else "trained",
+               "views": view_count(trained.flip, trained.shift)}  # fmt: skip
+        entries = [pred.as_dict() | (how if pred.error is None else {}) for pred in results]
+        typer.echo(json.dumps(entries, indent=2, ensure_ascii=False))
     else:
+        typer.echo(trained.scoring)
         for pred in results:
             if pred.error is None:
                 notes = f"  ({'; '.join(pred.notes)})" if pred.notes else ""

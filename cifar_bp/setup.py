@@ -19,7 +19,7 @@ from cifar_bp.distributed import World, init_process_group, world_from_env
 from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable, describe_views
 from cifar_bp.errors import CliError, UsageError
 from cifar_bp.hardware import Hardware, choose_hardware, make_deterministic
-from cifar_bp.losses import build_loss
+from cifar_bp.losses import build_loss, unused_settings
 from cifar_bp.model import build_model
 from cifar_bp.resume import Start, check_resume_data
 from cifar_bp.run import Position, Run
@@ -125,8 +125,10 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     announced = [hardware.precision.describe()]
     if hardware.compiled:
         announced.append(f"compile: on ({hardware.compile_why})")
-    views = describe_views(cfg.train.eval_flip, cfg.train.eval_shift)
-    announced += [views] if views else []
+    unused = unused_settings(cfg.loss)
+    announced += [unused] if unused else []
+    if cfg.train.eval_flip or cfg.train.eval_shift > 0:
+        announced.append(f"evaluation: {describe_views(cfg.train.eval_flip, cfg.train.eval_shift)}")
     init_process_group(world, device)
     # Rank 0 first: a folder source is then decoded and cached once, not once per rank.
     data = world.main_first(lambda: load_dataset(cfg.data, cfg.train.seed))

@@ -4,11 +4,13 @@ file system exactly as it was."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from cifar_bp.checkpoint import FORMAT_VERSION, load_checkpoint
 from tests.helpers import SMOKE
@@ -139,6 +141,10 @@ def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     out = {"truncated": tmp / "truncated.pt", "garbage": tmp / "garbage.pt"}
     out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     out["garbage"].write_bytes(b"definitely not a checkpoint")
+    out["image"] = tmp / "photo.png"
+    Image.new("RGB", (8, 8)).save(out["image"])
+    torch.save({"when": datetime.date(2026, 1, 1)}, tmp / "objects.pt")  # not weights-only
+    out["objects"] = tmp / "objects.pt"
     torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
     out["foreign"] = tmp / "foreign.pt"
     torch.save({**payload, "format_version": FORMAT_VERSION + 1}, tmp / "future.pt")
@@ -151,8 +157,10 @@ def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
 
 
 MESSAGES = {
-    "truncated": "not a readable checkpoint",
-    "garbage": "not a readable checkpoint",
+    "truncated": "not a readable checkpoint: truncated or damaged",
+    "garbage": "not a readable checkpoint: it is not a file torch.save wrote",
+    "image": "not a readable checkpoint: it is not a file torch.save wrote",
+    "objects": "holds Python objects besides tensors and plain values",
     "foreign": "not a cifar-bp checkpoint",
     "future": f"this cifar-bp reads format {FORMAT_VERSION}",
     "misfit": "do not fit the model",
@@ -183,6 +191,7 @@ def test_bad_checkpoints_are_one_clear_message(cli, broken, kind, command):
     assert result.exit_code == 1, result.stderr
     assert MESSAGES[kind] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "weights_only" not in result.stderr  # torch's advice to load unsafely is not ours
 
 
 def one_error_line(result) -> str:

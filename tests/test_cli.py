@@ -37,6 +37,7 @@ def test_flags_resolve_the_same_way_in_config_show():
 def test_help_has_no_bool_metavar_and_explains_every_option(command):
     text = Cli()(*command.split(), "--help", env={"COLUMNS": "120"}).stdout
     assert "<bool>" not in text  # a flag takes no value
+    assert "Example" in text  # the README promises an example in every command's help
     rows = [line for line in text.splitlines() if re.match(r"│ (\*\s+)?\s*--", line)]
     assert rows, text
     for row in rows:

@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from cifar_bp.checkpoint import load_checkpoint
-from cifar_bp.config import ModelConfig
+from cifar_bp.config import ModelConfig, resolve_config
+from cifar_bp.data import load_dataset
 from cifar_bp.model import build_model
 from tests.helpers import SMOKE, Cli
 
@@ -123,9 +124,40 @@ def test_human_output(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
     result = cli("predict", image, "--checkpoint", run_dir, "--top-k", "2")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{image}  (resized 50×30 to 32×32)"
-    assert lines[1].startswith("  1. ") and lines[2].startswith("  2. ") and len(lines) == 3
-    assert lines[1].endswith("%")
+    # The tiny run keeps a weight average and scores its images as given (smoke.yaml).
+    assert lines[0] == "scoring: the weight average, 1 view per image (as given)"
+    assert lines[1] == f"{image}  (resized 50×30 to 32×32)"
+    assert lines[2].startswith("  1. ") and lines[3].startswith("  2. ") and len(lines) == 4
+    assert lines[2].endswith("%")
+
+
+def test_a_folder_of_the_test_images_scores_what_evaluate_reports(cli: Cli, tmp_path: Path):
+    """predict scores as evaluation does (weight average, 6 views): the run's own test
+    images, saved as PNG files, get exactly the accuracy `evaluate` reports."""
+    sets = ["data.train_size=256", "data.test_size=96", "train.ema_decay=0.9",
+            "train.eval_flip=true", "train.eval_shift=2", "train.amp=false"]  # fmt: skip
+    flags = [flag for item in sets for flag in ("--set", item)]
+    trained = cli("train", "-c", SMOKE, "--epochs", "1", "--logdir", tmp_path, "--run-name",
+                  "views", "-q", *flags)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "views"
+    test = load_dataset(resolve_config(SMOKE, {}, sets).data).test
+    folder = tmp_path / "test-images"
+    folder.mkdir()
+    for i, image in enumerate(test.images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    result, entries = predict_json(cli, run, folder, "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert {(e["weights"], e["views"]) for e in entries} == {("average", 6)}
+    classes = load_checkpoint(run)["classes"]
+    labels = test.labels.tolist()
+    hits = [classes.index(e["top"][0]["class"]) == y for e, y in zip(entries, labels, strict=True)]
+    scored = json.loads(cli("evaluate", "--checkpoint", run, "--json").stdout)
+    assert (scored["weights"], scored["views"]) == ("average", 6)
+    assert sum(hits) / len(hits) == scored["results"]["test"]["accuracy"]
+    single = predict_json(cli, run, folder, "--top-k", "1", "--single-view")[1]
+    assert {e["views"] for e in single} == {1}
+    assert [e["top"] for e in single] != [e["top"] for e in entries]  # the views do count
 
 
 def test_nothing_matched_and_bad_top_k(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
@@ -141,3 +173,20 @@ def test_nothing_matched_and_bad_top_k(cli: Cli, run_dir: Path, tmp_path: Path) 
     result, entries = predict_json(cli, run_dir, image, tmp_path / "gone.png")
     assert result.exit_code == 1
     assert entries[1] == {"path": str(tmp_path / "gone.png"), "error": "no such file or directory"}
+
+
+def test_a_16_bit_picture_reads_as_its_8_bit_twin(cli: Cli, run_dir: Path, tmp_path: Path):
+    """PIL's own conversion clips 16-bit values at 255 (a white picture); the range is kept."""
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    deep = tmp_path / "deep.png"
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(deep)
+    flat = tmp_path / "flat.png"
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(flat)
+    white = save(tmp_path / "white.png", (32, 32), "L")
+    Image.new("L", (32, 32), 255).save(white)
+    result, entries = predict_json(cli, run_dir, deep, flat, white, "--top-k", "10")
+    assert result.exit_code == 0, result.output
+    assert entries[0]["notes"][0].startswith("converted I")  # I;16 or I, by Pillow version
+    probs = [{t["class"]: t["prob"] for t in e["top"]} for e in entries]
+    assert all(probs[0][c] == pytest.approx(probs[1][c], abs=1e-3) for c in probs[1])
+    assert any(abs(probs[0][c] - probs[2][c]) > 1e-3 for c in probs[2])  # not the white one

@@ -96,6 +96,9 @@ def test_evaluate_scores_the_checkpoint_on_its_own_and_other_data(cli, smoke_run
     other = cli("evaluate", "--checkpoint", run_dir / "last.pt", "--set", "data.test_size=100")
     assert other.exit_code == 0, other.stderr
     assert "(100 images)" in other.stdout and "accuracy per class" in other.stdout
+    # What was scored comes first: smoke.yaml keeps no weight average and no extra views.
+    scoring = "scoring: the trained weights (no weight average), 1 view per image (as given)"
+    assert other.stdout.splitlines()[0] == scoring
     refused = cli("evaluate", "--checkpoint", run_dir, "--set", "model.activation=relu")
     assert (
         refused.exit_code == 2
@@ -225,3 +228,22 @@ def test_onecycle_on_a_tiny_run_trains_with_a_finite_schedule(cli, tmp_path, ima
     series = smoke_scalars(cli, tmp_path, "--epochs", "1", "--batch-size", "32", sets=sets)
     lrs = [v for _, v in series["train/lr"]]
     assert len(lrs) == images // 32 and all(math.isfinite(v) and v > 0 for v in lrs)
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--loss", "mse", "--set", "loss.label_smoothing=0.1"],
+         "loss: mse ignores label_smoothing 0.1 (cross-entropy settings)"),
+        (["--loss", "l1", "--set", "loss.weight=[1,1,1,1,1,1,1,1,1,2]", "--set",
+          "loss.ignore_index=3"],
+         "loss: l1 ignores class weights, ignore_index 3 (cross-entropy settings)"),
+        (["--loss", "ce", "--set", "loss.label_smoothing=0.1"], None),
+    ],
+)  # fmt: skip
+def test_train_says_which_loss_settings_its_loss_ignores(cli, tmp_path, args, line):
+    result = cli("train", "--config", SMOKE, "--logdir", tmp_path, "--epochs", "1",
+                 "--set", "data.train_size=128", "--set", "data.test_size=64", *args)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    said = [t for t in (result.stdout + result.stderr).splitlines() if t.startswith("loss: ")]
+    assert said == ([line] if line else [])

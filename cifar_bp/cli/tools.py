@@ -54,6 +54,12 @@ def bench(
     """Images/s of the tutorial's loop (a) against this engine (b, c) on synthetic data.
 
     Each variant runs in its own process: median of the timed epochs, ratio to (a), peak memory.
+    The machine's matmul peak is measured in the same run, beside each variant's GFLOP/s.
+
+    Examples:
+
+    * `cifar-bp bench --device cpu --variants a,b,d --images 4096 --repeats 3`
+    * `cifar-bp bench --variants d,d@64,d@512` (the default at other batch sizes)
     """
     from cifar_bp.benchmark import BenchOptions, print_benchmark, run_benchmark
 
@@ -73,12 +79,21 @@ def predict(
     ],
     checkpoint: CheckpointOpt,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 3,
+    single_view: Annotated[
+        bool,
+        typer.Option(
+            "--single-view",
+            help="Score each image only as given, without the run's test-time views (the "
+            "exported ONNX model's answer).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Classify your own pictures: the top-k classes of each, with probabilities.
 
     Any size and mode: converted to RGB and resized to 32×32 (noted when it was), then
-    normalised as the run was; a run's weight average is used where it kept one.
+    normalised and scored as the run's evaluation scored: with its weight average where it
+    kept one, and the logits of its test-time views averaged (the first line says which).
     Exit 1 when some file could not be classified.
 
     Example: `cifar-bp predict cat.jpg photos/ "shots/*.png" --checkpoint runs/article`
@@ -86,7 +101,7 @@ def predict(
     from cifar_bp.predict import predict as classify
     from cifar_bp.predict import print_predictions
 
-    if not print_predictions(classify(images, checkpoint, top_k), json_out):
+    if not print_predictions(*classify(images, checkpoint, top_k, single_view), json_out):
         raise typer.Exit(1)
 
 
@@ -103,7 +118,10 @@ def export(
 
     The run's normalisation is inside the graph and the weight average is used where the
     run kept one. The file is checked against torch with onnxruntime before it is kept.
+    It scores each image as given: `cifar-bp predict --single-view` gives its answers.
     Needs the extra: `pip install 'cifar-bp[onnx]'`.
+
+    Example: `cifar-bp export --checkpoint runs/article -o cifar10.onnx`
     """
     from cifar_bp.export import export_checkpoint, print_export
 

@@ -81,6 +81,11 @@ def config_show(
 
     `auto` settings (device, precision, compile) are shown as this machine resolves them,
     with the reason as a comment at the top; `--as-given` keeps them as written.
+
+    Examples:
+
+    * `cifar-bp config show` (what `cifar-bp train` would run here)
+    * `cifar-bp config show -c configs/quick.yaml --loss mse --set optim.lr=0.01`
     """
     from cifar_bp.config import resolve_config
     from cifar_bp.hardware import resolve_auto
@@ -114,7 +119,15 @@ def evaluate(
     By default on the data it was trained with, and with the run's test-time views
     (train.eval_flip: the mirror too; train.eval_shift: copies moved that many pixels), so
     the figures match its logs. --config/--set choose other data or views, e.g. --set
-    train.eval_shift=0; the model always comes from the checkpoint.
+    train.eval_shift=0; the model always comes from the checkpoint. The first line says
+    which weights and how many views were scored.
+
+    Examples:
+
+    * `cifar-bp evaluate --checkpoint runs/article` (its last.pt)
+    * `cifar-bp evaluate --checkpoint runs/article/best.pt --set train.eval_shift=0 --json`
+    * `cifar-bp evaluate --checkpoint runs/article --set data.source=folder --set
+      data.root=~/my-photos` (a folder of class sub-folders)
     """
     from cifar_bp.evaluation import evaluate_checkpoint
     from cifar_bp.report import print_evaluation
