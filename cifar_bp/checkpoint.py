@@ -61,12 +61,13 @@ def capture(run: Run) -> dict[str, Any]:
 
 
 def restore(
-    payload: dict[str, Any], m: Machinery, meters: Meters, steps: int, same_optim: bool
+    payload: dict[str, Any], m: Machinery, meters: Meters, same_optim: bool, same_schedule: bool
 ) -> Position:
     """Put model, optimizer, scheduler, scaler, average, meters and RNGs back where they were.
 
-    With `same_optim` false (a forced change of optim.*), the optimizer starts afresh and the
-    schedule is recomputed: the saved state would restore the old lr.
+    With `same_optim` false (a forced change of optim.*), the optimizer starts afresh; with
+    `same_schedule` false the caller recomputes the schedule (the saved state would restore
+    the old lr, or a length the run no longer has).
     """
     load_model_state(m.plain, payload["model"], Path("checkpoint"))
     pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
@@ -79,12 +80,8 @@ def restore(
             m.average.load_state_dict(payload["average"])
         else:  # averaging switched on at resume: start the average from the live weights
             m.average.model.load_state_dict(m.plain.state_dict())
-    if m.scheduler is not None:
-        if same_optim and payload.get("schedule_steps") == steps:
-            m.scheduler.load_state_dict(payload["scheduler"])
-        else:  # epochs or schedule changed: recompute the schedule up to this step
-            for _ in range(pos.global_step):
-                m.step_schedule()
+    if m.scheduler is not None and same_schedule:
+        m.scheduler.load_state_dict(payload["scheduler"])
     for name, value in payload.get("meters", {}).items():
         if name in meters.values:
             meters.values[name].copy_(value)
@@ -168,9 +165,9 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(err, OSError):
+            kept = "the previous checkpoint is intact" if path.exists() else "none was saved"
             raise CliError(
-                f"could not write checkpoint {path}: {err.strerror or err}; "
-                "the previous checkpoint is intact"
+                f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
             ) from None
         raise
     _fsync_dir(path.parent)
@@ -208,7 +205,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CliError(f"{path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
+    if not _is_weights(payload["model"]):
+        raise CliError(f"{path} is a damaged checkpoint: its model holds no weights")
+    average = payload.get("average")
+    if average and not (isinstance(average, dict) and _is_weights(average.get("weights"))):
+        raise CliError(f"{path} is a damaged checkpoint: its weight average holds no weights")
     return payload
+
+
+def _is_weights(state: Any) -> bool:
+    """A state dict: parameter names to tensors, at least one."""
+    return (
+        isinstance(state, dict)
+        and bool(state)
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    )
 
 
 def why_unreadable(path: Path, err: Exception) -> str:

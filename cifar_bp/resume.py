@@ -149,6 +149,11 @@ def restart(
     if not saved.is_file():
         raise UsageError(f"--resume {folder}: no checkpoint (last.pt) and no config.yaml there")
     base = None if config_path else read_yaml(saved)
+    if base == {}:  # written by a run that failed at its start: its settings are lost
+        raise UsageError(
+            f"--resume {folder}: its config.yaml is empty and there is no checkpoint, so the "
+            "run's settings are lost: delete the folder and start the run again"
+        )
     cfg = resolve_config(config_path, flags, sets, base=base, base_origin=str(saved))
     note = f"{folder} has no checkpoint yet (stopped before the first save): starting from scratch"
     return Start(cfg, None, folder, None, [note])

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -83,11 +84,17 @@ def plan_run_dir(cfg: Config) -> Path:
 
 
 def create_run_dir(run_dir: Path, cfg: Config, run_id: str) -> None:
+    """The new run's folder with its config.yaml and run.json, whole or not at all: a
+    folder left half-written (a full disk) would refuse the rerun as "already exists"."""
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as err:
+        raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
+    try:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         write_identity(run_dir, run_id)
     except OSError as err:
+        shutil.rmtree(run_dir, ignore_errors=True)
         raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
 
 

@@ -169,18 +169,35 @@ def resume_state(
     payload = start.payload
     assert payload is not None
     same_optim = payload["config"].get("optim") == cfg.optim.model_dump(mode="json")
+    saved = payload["config"].get("train", {})
+    saved_steps = payload.get("schedule_steps")
+    # The saved schedule state fits only the same optimizer, the same length, and the same
+    # steps per epoch (a forced batch change can keep the length but not the position).
+    same_schedule = (
+        same_optim
+        and saved_steps == steps
+        and saved_steps // max(saved.get("epochs", 1), 1) == steps // cfg.train.epochs
+    )
     try:
-        pos = ckpt.restore(payload, m, meters, steps, same_optim)
+        pos = ckpt.restore(payload, m, meters, same_optim, same_schedule)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CliError(
             f"{start.checkpoint}: the checkpoint is damaged or incomplete ({type(err).__name__}: "
-            f"{err}); resume from another checkpoint or start a new run"
+            f"{first}); resume from another checkpoint or start a new run"
         ) from None
+    saved_batch = saved.get("batch_size", cfg.train.batch_size)
     saved_world = payload.get("world_size", 1)
-    if saved_world != world.size and pos.step_in_epoch:
-        # Mid-epoch positions count global batches; re-count them for this many processes.
-        images = pos.step_in_epoch * cfg.train.batch_size * saved_world
+    if (saved_batch, saved_world) != (cfg.train.batch_size, world.size) and pos.step_in_epoch:
+        # Mid-epoch positions count batches: re-count the images seen in today's batches.
+        images = pos.step_in_epoch * saved_batch * saved_world
         pos.step_in_epoch = images // (cfg.train.batch_size * world.size)
+    if not same_schedule:
+        # Epochs, batch size or optimizer changed: the new schedule, at the same point of
+        # the run (never past its end: a run already complete trains no further).
+        per_epoch = steps // cfg.train.epochs
+        for _ in range(min(pos.epoch * per_epoch + pos.step_in_epoch, steps)):
+            m.step_schedule()
     return pos, payload.get("run_id") or new_run_id()
 
 

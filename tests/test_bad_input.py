@@ -136,6 +136,16 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(cli, tmp_path):
         assert not list((small / "r").glob(".*tmp*"))  # the partial file was removed
 
 
+def test_disk_full_at_the_first_checkpoint_says_none_was_saved(cli, tmp_path):
+    # Room for the run's folder and event file, not for a 1.8 MB checkpoint.
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        result = cli("train", *TINY, "--epochs", "1", "--logdir", tiny, "--run-name", "r")
+        assert result.exit_code == 1
+        line = one_error_line(result)
+        assert "could not write checkpoint" in line and line.endswith("; none was saved")
+        assert not (tiny / "r" / "last.pt").exists()
+
+
 def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     payload = torch.load(good, weights_only=True)
     out = {"truncated": tmp / "truncated.pt", "garbage": tmp / "garbage.pt"}
@@ -145,6 +155,10 @@ def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     Image.new("RGB", (8, 8)).save(out["image"])
     torch.save({"when": datetime.date(2026, 1, 1)}, tmp / "objects.pt")  # not weights-only
     out["objects"] = tmp / "objects.pt"
+    for kind, average in (("no-average-weights", {"updates": 3}),
+                          ("empty-average", {"weights": {}, "updates": 3})):  # fmt: skip
+        torch.save({**payload, "average": average}, tmp / f"{kind}.pt")
+        out[kind] = tmp / f"{kind}.pt"
     torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
     out["foreign"] = tmp / "foreign.pt"
     torch.save({**payload, "format_version": FORMAT_VERSION + 1}, tmp / "future.pt")
@@ -161,6 +175,8 @@ MESSAGES = {
     "garbage": "not a readable checkpoint: it is not a file torch.save wrote",
     "image": "not a readable checkpoint: it is not a file torch.save wrote",
     "objects": "holds Python objects besides tensors and plain values",
+    "no-average-weights": "damaged checkpoint: its weight average holds no weights",
+    "empty-average": "damaged checkpoint: its weight average holds no weights",
     "foreign": "not a cifar-bp checkpoint",
     "future": f"this cifar-bp reads format {FORMAT_VERSION}",
     "misfit": "do not fit the model",
@@ -212,6 +228,20 @@ def test_full_disk_at_start_up_is_one_line(cli, tmp_path):
         result = cli("train", *TINY, "--epochs", "1", "--logdir", full / "runs")
         assert result.exit_code == 1, result.stderr
         assert "No space left" in one_error_line(result)
+        # No half-made folder: it would refuse the rerun as "already exists".
+        assert not [p for p in (full / "runs").rglob("*") if p.is_dir()]
+
+
+def test_resume_of_a_folder_whose_config_was_never_written_is_refused(cli, tmp_path):
+    """A run that failed at its start left an empty config.yaml and no checkpoint: its
+    settings are lost, so starting "from scratch" with the built-in defaults is refused."""
+    folder = tmp_path / "runs" / "t3"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("")
+    result = cli("train", "--resume", folder)
+    assert result.exit_code == 2
+    assert "config.yaml is empty" in one_error_line(result)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]  # nothing trained
 
 
 def test_read_only_run_folder_on_resume_is_one_line(cli, tmp_path):

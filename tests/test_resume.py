@@ -185,3 +185,40 @@ def test_divergence_stops_and_keeps_the_good_checkpoint(cli, tmp_path):
     )
     assert "lower learning rate" in result.stderr
     assert (tmp_path / "r" / "last.pt").read_bytes() == good
+
+
+ONECYCLE = [*FAST, "--set", "optim.scheduler=onecycle"]
+
+
+def test_resume_with_other_epochs_or_batch_follows_the_new_schedule(cli, tmp_path):
+    """One-cycle's length is the run's: resuming with fewer epochs trains no further (the
+    checkpoint is not 'damaged'), more epochs continue on the longer schedule at the same
+    point, and a forced batch change re-counts the steps."""
+    from cifar_bp.config import resolve_config
+    from cifar_bp.setup import build_scheduler
+
+    done = cli("train", *ONECYCLE, "--epochs", "2", "--logdir", tmp_path, "--run-name", "r")
+    assert done.exit_code == 0, done.stderr
+    fewer = cli("train", "--resume", tmp_path / "r", "--epochs", "1")
+    assert fewer.exit_code == 0, fewer.stderr
+    assert "already completed 1 epoch(s)" in fewer.stdout + fewer.stderr
+    more = cli("train", "--resume", tmp_path / "r", "--epochs", "3", "-q")
+    assert more.exit_code == 0, more.stderr
+    logged = dict(scalars(tmp_path / "r")["train/lr"])
+    # The lr of a fresh 24-step one-cycle schedule at the steps epoch 3 logged.
+    optim = resolve_config(SMOKE, {}, ["optim.scheduler=onecycle"]).optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    schedule = build_scheduler(optim, opt, 24)
+    expected = {}
+    for step in range(1, 25):
+        opt.step()
+        schedule.step()
+        expected[step] = opt.param_groups[0]["lr"]
+    for step in (s for s in logged if s > 16):
+        assert logged[step] == pytest.approx(expected[step], rel=1e-6), step
+    first = cli("train", *ONECYCLE, "--epochs", "1", "--logdir", tmp_path, "--run-name", "b")
+    assert first.exit_code == 0, first.stderr
+    wider = cli("train", "--resume", tmp_path / "b", "--epochs", "2", "--batch-size", "128",
+                "--force", "-q")  # fmt: skip
+    assert wider.exit_code == 0, wider.stderr
+    assert load_checkpoint(tmp_path / "b")["global_step"] == 8 + 4  # 4 steps of 128 images
