@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cifar_bp.errors import CliError, UsageError
+from cifar_bp.errors import CliError, UsageError, first_line
 from cifar_bp.run import Position
 
 if TYPE_CHECKING:
@@ -234,8 +234,7 @@ def why_unreadable(path: Path, err: Exception) -> str:
             "it holds Python objects besides tensors and plain values, so cifar-bp did not "
             "write it, and loading it could run code"
         )
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"truncated or damaged ({first[:200]})"
+    return f"truncated or damaged ({first_line(err, 200)})"
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

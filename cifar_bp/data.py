@@ -17,7 +17,7 @@ import torch
 
 from cifar_bp.cifar10 import CLASSES, SIDE
 from cifar_bp.config import AugmentConfig, DataConfig
-from cifar_bp.errors import CliError, UsageError
+from cifar_bp.errors import CliError, UsageError, first_line
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _cifar_missing(root: Path, download: bool, err: Exception) -> str:
     why = "download failed" if download else "data.download is false"
     return (
         f"CIFAR-10 not found or corrupt under {root.resolve()}/cifar-10-batches-py ({why}: "
-        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}). Place "
+        f"{first_line(err)}). Place "
         f"cifar-10-python.tar.gz in {root} and run again, or try the tool offline with "
         "--config configs/smoke.yaml (synthetic data)"
     )

@@ -23,3 +23,11 @@ class Diverged(CliError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a
+    one-line error; `limit` cuts a long line."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if limit is None else line[:limit]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cifar_bp.cifar10 import CHANNELS, SIDE
-from cifar_bp.errors import CliError
+from cifar_bp.errors import CliError, first_line
 from cifar_bp.predict import Trained, load_trained
 
 TOLERANCE = 1e-4  # max abs difference of the logits, onnxruntime against torch
@@ -124,14 +124,8 @@ def write_onnx(model: nn.Module, path: Path) -> str:
             return "dynamo"
         except Exception as err:
             raise CliError(
-                f"ONNX export failed: {_first_line(legacy_err)}; dynamo exporter: "
-                f"{_first_line(err)}"
+                f"ONNX export failed: {first_line(legacy_err)}; dynamo exporter: {first_line(err)}"
             ) from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def add_metadata(path: Path, trained: Trained) -> None:

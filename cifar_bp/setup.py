@@ -17,7 +17,7 @@ from cifar_bp.config import Config, OptimConfig
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World, init_process_group, world_from_env
 from cifar_bp.engine import Machinery, Meters, WeightAverage, check_trainable, describe_views
-from cifar_bp.errors import CliError, UsageError
+from cifar_bp.errors import CliError, UsageError, first_line
 from cifar_bp.hardware import Hardware, choose_hardware, make_deterministic
 from cifar_bp.losses import build_loss, unused_settings
 from cifar_bp.model import build_model
@@ -181,10 +181,9 @@ def resume_state(
     try:
         pos = ckpt.restore(payload, m, meters, same_optim, same_schedule)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CliError(
             f"{start.checkpoint}: the checkpoint is damaged or incomplete ({type(err).__name__}: "
-            f"{first}); resume from another checkpoint or start a new run"
+            f"{first_line(err, 200)}); resume from another checkpoint or start a new run"
         ) from None
     saved_batch = saved.get("batch_size", cfg.train.batch_size)
     saved_world = payload.get("world_size", 1)
