@@ -240,10 +240,25 @@ def view_count(flip: bool, shift: int) -> int:
     return (2 if flip else 1) * (3 if shift > 0 else 1)
 
 
-def describe_scoring(averaged: bool, flip: bool, shift: int) -> str:
-    """The line `evaluate` and `predict` print first: which weights, how many views."""
-    weights = "the weight average" if averaged else "the trained weights (no weight average)"
-    return f"scoring: {weights}, {describe_views(flip, shift)}"
+@dataclass(frozen=True)
+class Scoring:
+    """What `evaluate` and `predict` score: which weights, and which test-time views."""
+
+    averaged: bool  # the run's weight average (else the trained weights)
+    flip: bool = False
+    shift: int = 0
+
+    def describe(self) -> str:
+        """The line they print first."""
+        weights = (
+            "the weight average" if self.averaged else "the trained weights (no weight average)"
+        )
+        return f"scoring: {weights}, {describe_views(self.flip, self.shift)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The same for --json."""
+        weights = "average" if self.averaged else "trained"
+        return {"weights": weights, "views": view_count(self.flip, self.shift)}
 
 
 def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:

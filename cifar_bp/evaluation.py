@@ -8,7 +8,7 @@ from typing import Any
 
 from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
 from cifar_bp.config import Config, read_yaml, resolve_config
-from cifar_bp.engine import EvalResult, describe_scoring, evaluate, view_count
+from cifar_bp.engine import EvalResult, Scoring, evaluate
 from cifar_bp.errors import UsageError
 from cifar_bp.hardware import resolve_device, resolve_precision
 from cifar_bp.losses import build_loss
@@ -29,20 +29,13 @@ class Evaluation:
     checkpoint: Path
     classes: list[str]
     results: dict[str, EvalResult]
-    averaged: bool  # the run's weight average was scored
-    flip: bool
-    shift: int
-
-    @property
-    def scoring(self) -> str:
-        return describe_scoring(self.averaged, self.flip, self.shift)
+    scoring: Scoring
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "checkpoint": str(self.checkpoint),
             "classes": self.classes,
-            "weights": "average" if self.averaged else "trained",
-            "views": view_count(self.flip, self.shift),
+            **self.scoring.as_dict(),
             "results": {split: split_dict(r) for split, r in self.results.items()},
         }
 
@@ -100,5 +93,5 @@ def evaluate_checkpoint(
             results[name] = evaluate(
                 model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
             )
-    averaged = bool(payload.get("average"))
-    return Evaluation(path, list(data.classes), results, averaged, t.eval_flip, t.eval_shift)
+    scoring = Scoring(bool(payload.get("average")), t.eval_flip, t.eval_shift)
+    return Evaluation(path, list(data.classes), results, scoring)

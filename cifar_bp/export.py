@@ -98,7 +98,7 @@ def export_checkpoint(checkpoint: Path, output: Path | None = None) -> Exported:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return Exported(out, max_diff, CHECK_BATCHES, exporter, trained.averaged, runtime)
+    return Exported(out, max_diff, CHECK_BATCHES, exporter, trained.scoring.averaged, runtime)
 
 
 def write_onnx(model: nn.Module, path: Path) -> str:
@@ -138,7 +138,7 @@ def add_metadata(path: Path, trained: Trained) -> None:
         "input": "float32 Nx3x32x32 RGB in [0, 1]; normalisation is inside the graph",
         "mean": json.dumps(list(trained.mean)),
         "std": json.dumps(list(trained.std)),
-        "weights": "weight average" if trained.averaged else "final weights",
+        "weights": "weight average" if trained.scoring.averaged else "final weights",
     }
     onnx.helper.set_model_props(model, meta)
     onnx.checker.check_model(model)

@@ -11,7 +11,7 @@ run's test images gets the accuracy `evaluate` reports.
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cifar_bp.cifar10 import SIDE
+from cifar_bp.engine import Scoring
 from cifar_bp.errors import CliError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -33,15 +34,7 @@ class Trained:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     classes: list[str]
-    averaged: bool  # the weights are the run's moving average
-    flip: bool = False  # the run's test-time views (train.eval_flip, train.eval_shift)
-    shift: int = 0
-
-    @property
-    def scoring(self) -> str:
-        from cifar_bp.engine import describe_scoring
-
-        return describe_scoring(self.averaged, self.flip, self.shift)
+    scoring: Scoring  # the weight average where the run kept one; the run's test-time views
 
 
 def load_trained(path: Path) -> Trained:
@@ -67,8 +60,9 @@ def load_trained(path: Path) -> Trained:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     classes = list(payload.get("classes") or CLASSES)
     train = cfg.get("train", {})
-    flip, shift = bool(train.get("eval_flip", False)), int(train.get("eval_shift", 0))
-    return Trained(model.eval(), mean, std, classes, bool(payload.get("average")), flip, shift)
+    scoring = Scoring(bool(payload.get("average")), bool(train.get("eval_flip", False)),
+                      int(train.get("eval_shift", 0)))  # fmt: skip
+    return Trained(model.eval(), mean, std, classes, scoring)
 
 
 @dataclass
@@ -183,9 +177,9 @@ def probabilities(trained: Trained, images: torch.Tensor) -> torch.Tensor:
     """Softmax over all classes for uint8 N×3×32×32, in float32, a batch at a time."""
     from cifar_bp.engine import view_logits
 
-    t = trained
+    t, views = trained, (trained.scoring.flip, trained.scoring.shift)
     batches = (preprocess(images[i : i + BATCH], t) for i in range(0, len(images), BATCH))
-    chunks = [torch.softmax(view_logits(t.model, x, t.flip, t.shift), dim=1) for x in batches]
+    chunks = [torch.softmax(view_logits(t.model, x, *views), dim=1) for x in batches]
     return torch.cat(chunks)
 
 
@@ -196,7 +190,7 @@ def predict(
     the network that answered (`single_view`: the image as given, as the ONNX export does)."""
     trained = load_trained(checkpoint)
     if single_view:
-        trained.flip, trained.shift = False, 0
+        trained.scoring = replace(trained.scoring, flip=False, shift=0)
     if not 1 <= top_k <= len(trained.classes):
         raise UsageError(f"--top-k must be between 1 and {len(trained.classes)}, got {top_k}")
     entries = expand_paths(specs)
@@ -231,14 +225,11 @@ def print_predictions(trained: Trained, results: list[Prediction], json_out: boo
         if pred.error is not None:
             typer.echo(f"error: {pred.path}: {pred.error}", err=True)
     if json_out:
-        from cifar_bp.engine import view_count
-
-        how = {"weights": "average" if trained.averaged else "trained",
-               "views": view_count(trained.flip, trained.shift)}  # fmt: skip
+        how = trained.scoring.as_dict()
         entries = [pred.as_dict() | (how if pred.error is None else {}) for pred in results]
         typer.echo(json.dumps(entries, indent=2, ensure_ascii=False))
     else:
-        typer.echo(trained.scoring)
+        typer.echo(trained.scoring.describe())
         for pred in results:
             if pred.error is None:
                 notes = f"  ({'; '.join(pred.notes)})" if pred.notes else ""

@@ -169,7 +169,7 @@ def print_evaluation(outcome: Any, as_json: bool) -> None:
 
         print(json.dumps(outcome.as_dict(), indent=2))
         return
-    console.print(outcome.scoring, markup=False)
+    console.print(outcome.scoring.describe(), markup=False)
     for split, result in outcome.results.items():
         console.print(f"{split}: loss {result.loss:.4f}  accuracy {result.accuracy:.4f} "
                       f"({result.count} images)")  # fmt: skip
