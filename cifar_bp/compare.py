@@ -206,12 +206,15 @@ def comparison_tables(outcomes: list[ComparedRun], width: int) -> list[Table]:
         words = cells if i == 0 else [w for cell in cells for w in cell.split()]  # 0: no_wrap
         return max(map(len, words), default=1) + 3
 
+    widths = [need(i) for i in range(len(labels))]
     groups: list[list[int]] = [[]]
-    room = width - need(0) - 1
+    room, used = width - widths[0] - 1, 0
     for i in range(1, len(labels)):
-        if groups[-1] and sum(map(need, groups[-1])) + need(i) > room:
+        if groups[-1] and used + widths[i] > room:
             groups.append([])
+            used = 0
         groups[-1].append(i)
+        used += widths[i]
     optim = outcomes[0].cfg.optim
     title = f"Comparison (optimizer {optim.name}, lr {optim.lr:g})"
     out = []
