@@ -184,9 +184,13 @@ def test_a_16_bit_picture_reads_as_its_8_bit_twin(cli: Cli, run_dir: Path, tmp_p
     Image.fromarray((ramp * 255).round().astype(np.uint8)).save(flat)
     white = save(tmp_path / "white.png", (32, 32), "L")
     Image.new("L", (32, 32), 255).save(white)
-    result, entries = predict_json(cli, run_dir, deep, flat, white, "--top-k", "10")
+    floats = tmp_path / "floats.tiff"  # 32-bit float greyscale in 0..1
+    Image.fromarray(ramp.astype(np.float32), "F").save(floats)
+    result, entries = predict_json(cli, run_dir, deep, flat, white, floats, "--top-k", "10")
     assert result.exit_code == 0, result.output
     assert entries[0]["notes"][0].startswith("converted I")  # I;16 or I, by Pillow version
+    assert entries[3]["notes"][0] == "converted F to RGB"
     probs = [{t["class"]: t["prob"] for t in e["top"]} for e in entries]
-    assert all(probs[0][c] == pytest.approx(probs[1][c], abs=1e-3) for c in probs[1])
+    for twin in (0, 3):
+        assert all(probs[twin][c] == pytest.approx(probs[1][c], abs=1e-3) for c in probs[1])
     assert any(abs(probs[0][c] - probs[2][c]) > 1e-3 for c in probs[2])  # not the white one
