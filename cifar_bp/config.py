@@ -42,6 +42,8 @@ Count = Annotated[int, Strict()]
 Fraction = Annotated[float, Strict(), AllowInfNan(False), Ge(0), Lt(1)]
 Unit = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0, le=1)]
 INT32 = 2**31 - 1  # sizes and steps reach torch as 32-bit ints on some paths
+# The GradScaler holds its loss multiplier in float32: a larger one cannot even be stored.
+FLOAT32_MAX = 3.4028234663852886e38
 NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
 
 
@@ -57,7 +59,11 @@ Path_ = Annotated[str, Field(min_length=1), AfterValidator(_path)]
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # coerce_numbers_to_str: `--set log.run_name=2024` reads 2024 as YAML's int; a name or a
+    # path made of digits is still a name, as it is through --run-name.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True
+    )
 
     @field_validator("*", mode="after")
     @classmethod
@@ -140,7 +146,9 @@ class OptimConfig(_Section):
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: Any) -> bool:
         # A missing momentum already failed on its own; do not add a second, false complaint.
-        if nesterov and info.data.get("momentum", 1) == 0:
+        # Adam and AdamW use neither momentum nor nesterov, so they are not held to it.
+        uses_momentum = info.data.get("name", "sgd") in {"sgd", "muon"}
+        if nesterov and uses_momentum and info.data.get("momentum", 1) == 0:
             raise ValueError("nesterov needs momentum > 0 (set optim.nesterov: false)")
         return nesterov
 
@@ -163,6 +171,8 @@ class TrainConfig(_Section):
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
     # auto: a GradScaler exactly when float16 autocast is on (bf16 has fp32's range).
     grad_scaler: Literal["auto"] | StrictBool = "auto"
+    # The GradScaler's first loss multiplier, held in float32 (max about 2^128); 2^64 is far
+    # above any scale that leaves float16 gradients finite.
     init_scale: Number = Field(2.0**16, gt=0)
     compile: Literal["auto"] | StrictBool = "auto"  # auto: off (measured no gain)
     deterministic: StrictBool = Field(False, description="bitwise-reproducible kernels (slower)")
@@ -171,12 +181,20 @@ class TrainConfig(_Section):
     checkpoint_every_n_steps: Count = Field(0, ge=0, description="0 = only at epoch ends")
     max_nonfinite_steps: Count = Field(3, ge=1)
 
-    @field_validator("device")
+    @field_validator("device", mode="before")
     @classmethod
-    def _known_device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", device):
+    def _known_device(cls, device: Any) -> str:
+        # Before the str check: `cuda:` reads as a YAML mapping, and deserves this message too.
+        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", device):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return device
+
+    @field_validator("init_scale")
+    @classmethod
+    def _scale_fits(cls, scale: float) -> float:
+        if scale > FLOAT32_MAX:
+            raise ValueError("init_scale must be at most 3.4e38 (the scaler holds it in float32)")
+        return scale
 
 
 class LogConfig(_Section):
@@ -299,7 +317,7 @@ def resolve_config(
 
 # --- One line per mistake ----------------------------------------------------------------
 # A check on one key that reads another: blame whichever of them the user set last.
-_RELATED = {("optim", "nesterov"): [("optim", "momentum")]}
+_RELATED = {("optim", "nesterov"): [("optim", "momentum"), ("optim", "name")]}
 _UNION_TAG = re.compile(r"[a-z-]+\[.*\]|bool|int|float|str|none")
 
 
@@ -342,6 +360,8 @@ def _origin(loc: tuple, origins: Origins) -> str | None:
 
 def _accepts(msg: str) -> str:
     msg = re.sub(r"^(Input|String|List|Tuple|Dictionary) should", "must", msg)
+    # A section given a plain value: pydantic would name our internal class.
+    msg = re.sub(r"must be a valid dictionary or instance of \w+", "must be a mapping of keys", msg)
     return msg.replace("Value error, ", "").replace("Field required", "is missing")
 
 

@@ -163,6 +163,10 @@ def test_extends_chains_deep_merge_relative_to_each_file(tmp_path):
         ("train.init_scale=3e38", "train.init_scale", 3e38),
         ("data.augment=null", "data.augment", None),
         ("train.amp=false", "train.amp", False),
+        ("log.run_name=2024", "log.run_name", "2024"),  # digits are a name, as with --run-name
+        ("data.root=2024", "data.root", "2024"),
+        # Adam and AdamW use no momentum, so nesterov's need for one does not apply to them.
+        ("optim.momentum=0", "optim.momentum", 0.0),
     ],
 )
 def test_sensible_values_stay_accepted(item, key, value):

@@ -67,7 +67,9 @@ SET_CASES = [
     ("unknown-section", "bogus.x=1", "unknown key 'bogus' (known here: data, model"),
     ("key-below-a-value", "train.epochs.x=1", "train.epochs: holds a value, not keys (got 3)"),
     ("duplicate-key", "data.augment={flip: true, flip: false}", "data.augment.flip: a key may"),
-    ("nesterov-no-momentum", "optim.momentum=0", "optim.nesterov: nesterov needs momentum > 0"),
+    ("init-scale-past-float32", "train.init_scale=1e39", "train.init_scale: init_scale must be at"),
+    ("device-as-mapping", "train.device=cuda:", "train.device: device must be auto, cpu, cuda"),
+    ("device-number", "train.device=0", "train.device: device must be auto, cpu, cuda or cuda:N"),
     ("empty-logdir", "log.logdir=''", "log.logdir: must have at least 1 character"),
     ("long-folder-name", "log.logdir=runs/" + "x" * 256, "log.logdir: has a path component longer"),
     ("nul-in-root", 'data.root="a\\0b"', "data.root: must not contain a NUL character"),
@@ -95,6 +97,15 @@ def test_flag_mistakes_are_blamed_on_the_flag(cli, args, text):
     assert str(SMOKE) not in err
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_nesterov_without_momentum_is_blamed_on_the_last_of_the_two(cli, optimizer):
+    # smoke.yaml trains with Adam, which uses neither: only SGD and Muon are held to it.
+    args = ["--set", f"optim.name={optimizer}", "--set", "optim.momentum=0"]
+    refused(cli("config", "show", "-c", SMOKE, *args), "--set optim.momentum=0", "nesterov needs")
+    args = ["--set", "optim.momentum=0", "--set", f"optim.name={optimizer}"]
+    refused(cli("config", "show", "-c", SMOKE, *args), f"--set optim.name={optimizer}", "nesterov")
+
+
 def test_train_lr_inf_is_refused_before_anything_is_written(cli, tmp_path):
     result = cli("train", "-c", SMOKE, "--lr", "inf", "--logdir", tmp_path / "runs")
     refused(result, "--lr", "optim.lr: must be a finite number (got inf)")
@@ -110,6 +121,7 @@ FILE_CASES = [
     ("weights-zero", f"loss:\n  weight: {ZEROS}\n", "self", "not all zero"),
     ("epochs-yes", "train:\n  epochs: yes\n", "self", "train.epochs: must be a valid integer"),
     ("lr-quoted", "optim:\n  lr: '0.1'\n", "self", "optim.lr: must be a valid number (got '0.1')"),
+    ("section-a-number", "train: 5\n", "self", "train: must be a mapping of keys (got 5)"),
     (
         "duplicate-section",
         "optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n",

@@ -22,6 +22,13 @@ from typer.core import TyperGroup
 
 from cifar_bp.errors import CliError
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import UsageError as ClickUsageError
+
 DEBUG_ENV = "CIFAR_BP_DEBUG"
 
 
@@ -31,6 +38,14 @@ def report_error(err: CliError) -> int:
     who = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     typer.echo(f"error: {who}{err}", err=True)
     return err.exit_code
+
+
+def usage_line(err: ClickUsageError) -> str:
+    """Click's own usage errors (unknown option, bad value, missing argument) as one line that
+    says where help is, instead of a usage line, a hint and a boxed panel."""
+    ctx = getattr(err, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {err.format_message()}{where}"
 
 
 def safe_streams() -> None:
@@ -74,10 +89,24 @@ class ErrorMappingGroup(TyperGroup):
             command._bare_help = True
         return command
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:  # the root's own options: `cifar-bp --bogus`
+            return super().make_context(*args, **kwargs)
+        except ClickUsageError as err:
+            if isinstance(err, NoArgsIsHelpError):
+                raise
+            typer.echo(usage_line(err), err=True)
+            raise typer.Exit(err.exit_code) from None
+
     def invoke(self, ctx: Any) -> Any:
         safe_streams()
         try:
             return super().invoke(ctx)
+        except ClickUsageError as err:  # a command's options, or an unknown command
+            if isinstance(err, NoArgsIsHelpError):
+                raise
+            typer.echo(usage_line(err), err=True)
+            raise typer.Exit(err.exit_code) from None
         except CliError as err:
             if os.environ.get(DEBUG_ENV):
                 raise
