@@ -22,7 +22,7 @@ from cifar_bp.config import Config, resolve_config
 from cifar_bp.engine import check_trainable
 from cifar_bp.errors import Diverged, UsageError
 from cifar_bp.hardware import resolve_device, resolve_precision
-from cifar_bp.losses import LOSS_NAMES, per_image
+from cifar_bp.losses import LOSS_NAMES
 from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, table
 from cifar_bp.rundir import plan_run_dir
 from cifar_bp.trainer import RunResult
@@ -181,11 +181,8 @@ def _g(value: float | None) -> str:
 
 
 def final_loss_per_image(outcome: ComparedRun) -> float | None:
-    """The final train loss per image (`losses.per_image`), so mean and sum runs compare."""
-    loss = outcome.result.final_loss if outcome.result is not None else None
-    if loss is None:
-        return None
-    return per_image(loss, outcome.cfg.loss, outcome.cfg.train.batch_size)
+    """The final train loss per image, so mean and sum runs compare."""
+    return outcome.result.final_loss_per_image if outcome.result is not None else None
 
 
 def status(outcome: ComparedRun) -> str:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from cifar_bp.cifar10 import NUM_CLASSES
 from cifar_bp.config import Config
 from cifar_bp.errors import UsageError
+from cifar_bp.losses import summed_over_images
 
 if TYPE_CHECKING:
     from cifar_bp.hardware import Precision
@@ -34,7 +35,8 @@ class Meters:
 
     def __post_init__(self) -> None:
         zero = torch.zeros((), device=self.device)
-        names = ("loss_sum", "steps", "seen", "correct", "skipped", "streak", "max_streak")
+        names = ("loss_sum", "steps", "seen", "correct", "skipped", "streak", "max_streak",
+                 "image_loss_sum", "loss_images")  # fmt: skip
         self.values = {name: zero.clone() for name in names}
         self.values["streak_start"] = zero.clone()
         self.values["step"] = zero.clone()
@@ -42,10 +44,13 @@ class Meters:
     def update(
         self,
         loss: torch.Tensor,
+        image_loss: torch.Tensor,
         logits: torch.Tensor,
         labels: torch.Tensor,
         total_norm: torch.Tensor,
     ) -> None:
+        """`image_loss` is the batch's loss summed over its images (`summed_over_images`):
+        divided by the images counted, it is the loss per image even for a short last batch."""
         v = self.values
         v["step"] += 1
         bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
@@ -57,6 +62,8 @@ class Meters:
         v["streak_start"] = torch.where(v["streak"] == 1, v["step"], v["streak_start"])
         v["loss_sum"] += torch.where(bad, 0.0, loss.float())
         v["steps"] += ~bad
+        v["image_loss_sum"] += torch.where(bad, 0.0, image_loss.float())
+        v["loss_images"] += torch.where(bad, 0, labels.numel())
         v["seen"] += labels.numel()
         v["correct"] += (logits.argmax(1) == labels).sum()
 
@@ -67,7 +74,7 @@ class Meters:
         return dict(zip(names, numbers, strict=True))
 
     def reset_window(self) -> None:
-        for name in ("loss_sum", "steps", "max_streak"):
+        for name in ("loss_sum", "steps", "max_streak", "image_loss_sum", "loss_images"):
             self.values[name].zero_()
 
 
@@ -158,7 +165,8 @@ def train_step(
     m.step_schedule()
     if m.average is not None:
         m.average.update()  # after step(), so the average takes in the weights just written
-    meters.update(loss.detach(), logits.detach(), labels, total)
+    loss = loss.detach()
+    meters.update(loss, summed_over_images(m.loss_fn, loss, labels), logits.detach(), labels, total)
     return norms
 
 
@@ -200,7 +208,7 @@ def evaluate(
     for images, labels in batches:
         with precision.autocast():
             logits = view_logits(model, images, flip, shift)
-        loss_sum += loss_fn(logits, labels).double() * _per_batch(loss_fn, labels)
+        loss_sum += summed_over_images(loss_fn, loss_fn(logits, labels), labels).double()
         # One bincount over (true, predicted) pairs fills the whole matrix without a sync.
         confusion += torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
     model.train(was_training)
@@ -259,15 +267,6 @@ class Scoring:
         """The same for --json."""
         weights = "average" if self.averaged else "trained"
         return {"weights": weights, "views": view_count(self.flip, self.shift)}
-
-
-def _per_batch(loss_fn: nn.Module, labels: torch.Tensor) -> float:
-    """Weight that turns a batch's loss into a sum over its images: mean divides by the
-    images (CE) or by images × classes (MSE and L1 against one-hot targets)."""
-    criterion = getattr(loss_fn, "criterion", loss_fn)
-    if criterion.reduction != "mean":
-        return 1.0
-    return labels.numel() * getattr(loss_fn, "num_classes", 1)
 
 
 def summarize(loss_sum: torch.Tensor, confusion: torch.Tensor) -> EvalResult:

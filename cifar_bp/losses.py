@@ -70,27 +70,36 @@ def unused_settings(cfg: LossConfig) -> str | None:
     return f"loss: {cfg.name} ignores {', '.join(unused)} (cross-entropy settings)"
 
 
-def per_image(loss: float, cfg: LossConfig, batch: int) -> float:
-    """A batch's loss per image, so mean- and sum-reduced runs share a scale: sum adds the
-    batch's images up; mean averages over the images (CE) or over images × classes (MSE, L1,
-    see `elements_averaged`), so mean × C is per image there."""
-    if cfg.reduction == "sum":
-        return loss / batch
-    return loss * (NUM_CLASSES if cfg.name != "ce" else 1)
-
-
-def elements_averaged(
-    cfg: LossConfig, labels: torch.Tensor, num_classes: int = NUM_CLASSES
-) -> float:
-    """What `reduction: mean` divides the summed loss by: the factor between sum and mean.
+def mean_divisor(loss_fn: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """What `reduction: mean` divides the summed loss by, as a device tensor (no host sync).
 
     MSE and L1 average over all N·C entries of the one-hot comparison. Cross-entropy divides
     by the total class weight of the targets that count, so ignored labels and class weights
     change the divisor: it is N only without either.
     """
-    if cfg.name != "ce":
-        return float(labels.numel() * num_classes)
-    kept = labels[labels != cfg.ignore_index].cpu()
-    if cfg.weight is None:
-        return float(kept.numel())
-    return float(torch.tensor(cfg.weight, dtype=torch.float64)[kept].sum())
+    if isinstance(loss_fn, OneHotLoss):
+        return torch.tensor(float(labels.numel() * loss_fn.num_classes), device=labels.device)
+    kept = labels != loss_fn.ignore_index
+    if loss_fn.weight is None:
+        return kept.sum().float()
+    # An ignored label (-100) is no index: look up class 0 for it, then count it as 0.
+    weight = loss_fn.weight.to(labels.device)[torch.where(kept, labels, 0)]
+    return (weight * kept).sum().float()
+
+
+def summed_over_images(
+    loss_fn: nn.Module, loss: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The batch's loss as `reduction: sum` gives it: a sum over its images. Divided by the
+    batch's image count it is the loss per image, on one scale for mean and sum runs."""
+    criterion = getattr(loss_fn, "criterion", loss_fn)
+    if criterion.reduction == "sum":
+        return loss
+    return loss * mean_divisor(loss_fn, labels)
+
+
+def elements_averaged(
+    cfg: LossConfig, labels: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> float:
+    """`mean_divisor` of the loss a config describes: the factor between sum and mean."""
+    return float(mean_divisor(build_loss(cfg, num_classes), labels))

@@ -20,13 +20,12 @@ from cifar_bp.config import Config
 from cifar_bp.data import DeviceLoader, Split
 from cifar_bp.engine import evaluate, train_step
 from cifar_bp.errors import Diverged
-from cifar_bp.losses import per_image
 from cifar_bp.resume import Start
 from cifar_bp.run import Run
 from cifar_bp.setup import build_run
 from cifar_bp.signals import StopRequest
 
-SUMMED = ("loss_sum", "steps", "seen", "correct")  # meters added up over DDP ranks
+SUMMED = ("loss_sum", "steps", "seen", "correct", "image_loss_sum", "loss_images")  # over ranks
 
 
 class Reporter(Protocol):
@@ -48,6 +47,7 @@ class RunResult:
     global_step: int = 0
     world_size: int = 1
     final_loss: float | None = None  # train loss of the last logged window
+    final_loss_per_image: float | None = None  # the same summed per image (mean or sum alike)
     grad_norm_means: dict[str, float] = field(default_factory=dict)
 
 
@@ -58,6 +58,7 @@ class Window:
     started: float = field(default_factory=time.perf_counter)
     images: int = 0
     final_loss: float | None = None
+    final_loss_per_image: float | None = None
     norm_sums: torch.Tensor | None = None  # per-parameter ‖g‖ summed over log points
     norm_count: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # of the last completed epoch
@@ -209,7 +210,9 @@ def log_window(run: Run, reporter: Reporter, window: Window, norms: torch.Tensor
     if values["steps"] > 0:  # only finite steps count towards the loss and the norms
         loss = values["loss_sum"] / values["steps"]
         scalars["train/loss"] = window.final_loss = loss
-        scalars["train/loss_per_image"] = per_image(loss, run.cfg.loss, run.cfg.train.batch_size)
+        # Summed over the images the loss counted, so a short last batch weighs what it holds.
+        per_image = values["image_loss_sum"] / values["loss_images"]
+        scalars["train/loss_per_image"] = window.final_loss_per_image = per_image
         scalars.update(norm_scalars(run, window, norms))
         reporter.progress(run.pos.step_in_epoch, loss, rate)
     run.tracker.scalars(scalars, run.pos.global_step, run.pos.epoch + 1)
@@ -312,6 +315,7 @@ def save(run: Run, name: str = "last.pt") -> Path:
 def result(run: Run, window: Window, stopped_by: str | None = None) -> RunResult:
     out = RunResult(run.run_dir, run.run_dir / "last.pt", world_size=run.world.size)
     out.stopped_by, out.final_loss = stopped_by, window.final_loss
+    out.final_loss_per_image = window.final_loss_per_image
     out.seconds, out.global_step = run.elapsed, run.pos.global_step
     out.metrics = window.metrics or {"train/global_step": float(run.pos.global_step)}
     if window.norm_sums is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifar_bp.config import LossConfig
-from cifar_bp.losses import build_loss, make_criterion
+from cifar_bp.losses import build_loss, elements_averaged, make_criterion, summed_over_images
 
 
 def test_l1_and_mse_match_the_tutorial():
@@ -40,3 +40,33 @@ def test_ce_options_reach_torch():
     crit = make_criterion(cfg)
     assert crit.label_smoothing == 0.1 and crit.ignore_index == 3
     assert crit.weight.tolist()[-1] == 2.0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"name": "ce"},
+        {"name": "ce", "weight": [3.0] * 10},
+        {"name": "ce", "ignore_index": 3},
+        {"name": "ce", "weight": [0.5 + i / 10 for i in range(10)], "ignore_index": 3,
+         "label_smoothing": 0.1},
+        {"name": "mse"},
+        {"name": "l1", "input": "logits"},
+    ],
+    ids=["plain", "weights", "ignore-index", "everything", "mse", "l1-logits"],
+)  # fmt: skip
+def test_a_mean_loss_summed_over_images_is_the_sum_loss(settings):
+    """Per-image figures (TensorBoard, compare, evaluation) divide this by the image count:
+    mean and sum runs must land on one scale whatever divides the mean."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(9, 10), torch.randint(0, 10, (9,))
+    labels[:3] = 3  # some labels an ignore_index drops
+    mean = build_loss(LossConfig(**settings, reduction="mean"))
+    total = build_loss(LossConfig(**settings, reduction="sum"))
+    want = total(logits, labels)
+    assert summed_over_images(total, want, labels) == want
+    got = summed_over_images(mean, mean(logits, labels), labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert elements_averaged(LossConfig(**settings), labels) == pytest.approx(
+        (want / mean(logits, labels)).item(), rel=1e-5
+    )

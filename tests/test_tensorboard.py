@@ -21,7 +21,7 @@ from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World
 from cifar_bp.hardware import choose_hardware
 from cifar_bp.tracking import HPARAM_KEYS, METRIC_TAGS, MetricsCsv, Tracker, pixels_of
-from tests.helpers import SMOKE, only_run, scalars
+from tests.helpers import SMOKE, only_run, scalars, smoke_scalars
 
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
           for kind in ("weight", "bias")]  # fmt: skip
@@ -293,3 +293,15 @@ def test_a_gpu_run_draws_its_figures_in_a_helper_process(tmp_path):
         tracker = open_tracker(tmp_path / device, 1, torch.device(device))
         assert tracker.drawer.background is background
         tracker.close()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_per_image_counts_a_short_last_batch_as_it_is(cli, tmp_path, reduction):
+    # 100 images in batches of 64: the second step holds 36, and a log point after each step
+    # shows that step alone; the CE sum over 36 images is 36 times the loss per image.
+    series = smoke_scalars(cli, tmp_path, "--epochs", "1", "--reduction", reduction,
+                           sets=("data.train_size=100", "log.every_n_steps=1"))  # fmt: skip
+    loss, per_image = dict(series["train/loss"]), dict(series["train/loss_per_image"])
+    images = {1: 64, 2: 36} if reduction == "sum" else {1: 1, 2: 1}
+    for step, count in images.items():
+        assert per_image[step] == pytest.approx(loss[step] / count, rel=1e-5), step
