@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from cifar_bp.cifar10 import NUM_CLASSES
@@ -125,14 +124,11 @@ class LabelledReporter:
 
     def start_run(self, label: str, index: int, total: int) -> None:
         if isinstance(self.inner, PlainReporter):
-            prefix = f"[{label}] "
-            # rich would read "[ce-mean]" as a style tag and swallow it
-            self.inner.prefix = escape(prefix) if isinstance(self.inner, RichReporter) else prefix
+            self.inner.prefix = f"[{label}] "  # printed as is: the console reads no markup
         self.inner.note(f"run {index + 1}/{total}")
 
     def note(self, message: str) -> None:
-        # a diverged run's message is data: rich must not read a "[...]" in it as a style
-        self.inner.note(escape(message) if isinstance(self.inner, RichReporter) else message)
+        self.inner.note(message)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
         self.inner.epoch_start(epoch, epochs, steps, done)
@@ -218,7 +214,7 @@ def comparison_tables(outcomes: list[ComparedRun], width: int) -> list[Table]:
     for group in groups:
         part = "" if len(groups) == 1 else f", runs {group[0]}–{group[-1]} of {len(outcomes)}"
         pick = [0, *group]
-        chosen = table(title + part, [escape(labels[i]) for i in pick],
+        chosen = table(title + part, [labels[i] for i in pick],
                        [[row[i] for i in pick] for row in rows])  # fmt: skip
         chosen.columns[0].no_wrap = True
         out.append(chosen)

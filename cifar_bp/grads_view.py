@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
 from cifar_bp.cifar10 import CLASSES
@@ -94,7 +93,7 @@ def logit_table(p: Pass, labels: list[int]) -> Table:
         cells = [f"{g[k]:+.3g}" + ("*" if c == k else " ") for g, c in marked]
         rows.append((name, *cells))
     title = f"∂L/∂logits of the first {len(shown)} images ({p.loss}, reduction {p.reduction})"
-    return table(escape(title), columns, rows)
+    return table(title, columns, rows)
 
 
 def logit_hint(p: Pass, factor: FactorCheck | None) -> str:

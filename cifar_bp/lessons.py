@@ -207,11 +207,10 @@ def _say(text: str = "", style: str | None = None) -> None:
 
 
 def _table(rows: list[tuple[str, str, str]]) -> Any:
-    from rich.markup import escape
 
     from cifar_bp.report import table
 
-    out = table("", ["reduction", "loss", "how"], [tuple(map(escape, r)) for r in rows])
+    out = table("", ["reduction", "loss", "how"], [tuple(r) for r in rows])
     out.columns[-1].justify = "left"  # the explanations read better ragged-right
     return out
 

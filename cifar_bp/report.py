@@ -6,15 +6,19 @@ goes to stdout.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# markup=False: what is printed holds paths, run names and class names, and a "[v2]" in one
+# must print as written, not vanish as a style tag. Styles are given as styles, not markup.
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
 
 
 class QuietReporter:
@@ -75,7 +79,7 @@ class RichReporter(PlainReporter):
 
         super().__init__(prefix)
         self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
@@ -153,12 +157,15 @@ def print_run_summary(result: Any, quiet: bool = False) -> None:
     # Paths as plain lines: a table column would cut them short on a narrow terminal.
     console.print(f"run directory: {result.run_dir}", soft_wrap=True)
     console.print(f"checkpoint:    {result.checkpoint}", soft_wrap=True)
-    console.print(f"TensorBoard:   tensorboard --logdir {result.run_dir.parent}", soft_wrap=True)
+    # The commands quote their paths, so a folder with a space still pastes into a shell.
+    logdir = shlex.quote(str(result.run_dir.parent))
+    console.print(f"TensorBoard:   tensorboard --logdir {logdir}", soft_wrap=True)
     if result.stopped_by:
         launcher = "cifar-bp"
         if result.world_size > 1:  # resume the same way it was launched
             launcher = f"torchrun --nproc_per_node={result.world_size} -m cifar_bp"
-        console.print(f"resume with: {launcher} train --resume {result.run_dir}", soft_wrap=True)
+        where = shlex.quote(str(result.run_dir))
+        console.print(f"resume with: {launcher} train --resume {where}", soft_wrap=True)
 
 
 def print_evaluation(outcome: Any, as_json: bool) -> None:
@@ -202,7 +209,7 @@ def _confusion_table(split: str, matrix: list[list[int]], classes: list[str]) ->
     for j in cols:  # #j: a network output that is none of this data's classes
         out.add_column(classes[j][:5] if j < len(classes) else f"#{j}", justify="right")
     for i in rows:
-        cells = [f"[bold]{matrix[i][j]}[/bold]" if i == j else str(matrix[i][j] or ".")
+        cells = [Text(str(matrix[i][j]), style="bold") if i == j else str(matrix[i][j] or ".")
                  for j in cols]  # fmt: skip
         out.add_row(label_of(i, classes), *cells)
     return out

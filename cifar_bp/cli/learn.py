@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,7 +97,7 @@ def inspect_grads(
         grads_view.print_inspection(result)
     if logdir is not None:
         where = grads.write_tensorboard(result, logdir)
-        typer.echo(f"TensorBoard: tensorboard --logdir {where}", err=json_out)
+        typer.echo(f"TensorBoard: tensorboard --logdir {shlex.quote(str(where))}", err=json_out)
     failed = [c for c in result.checks or [] if not c.agrees]
     if failed:
         raise CliError(
@@ -248,7 +249,8 @@ def compare(
         for note in comparison_notes(outcomes):
             console.print(note, markup=False, soft_wrap=True)
         where = plan.parent
-        console.print(f"runs: {where}  (tensorboard --logdir {where})", soft_wrap=True)
+        command = f"tensorboard --logdir {shlex.quote(str(where))}"
+        console.print(f"runs: {where}  ({command})", soft_wrap=True)
     stopped = next(
         (o.result.stopped_by for o in outcomes if o.result and o.result.stopped_by), None
     )
