@@ -150,7 +150,11 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes)
     data.notes = notes
     try:
-        tracker = open_tracker(run_dir if world.is_main else None, pos.global_step + 1, device)
+        # A resume keeps the events up to its checkpoint's step; a start, even in the folder
+        # of a run stopped before its first checkpoint, drops all of them (step 0 included:
+        # that run's graph, config text and input grid are written again).
+        purge = pos.global_step + 1 if start.payload is not None else 0
+        tracker = open_tracker(run_dir if world.is_main else None, purge, device)
     except BaseException:
         lock.__exit__(None, None, None)  # no training will follow to release it
         raise

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_accumulator import (
+    EventAccumulator as ServedAccumulator,
+)
 
-from tests.helpers import ROOT, SMOKE, Cli
+from tests.helpers import ROOT, SMOKE, Cli, scalars
 
 TINY = ["-c", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
 
@@ -299,6 +303,17 @@ def test_a_run_folder_without_a_checkpoint_starts_from_scratch(cli, runs, leftov
     assert "starting from scratch" in result.stdout + result.stderr
     assert torch.load(runs / "a" / "last.pt", weights_only=True)["epoch"] == 1
     assert not list((runs / "a").glob(".*.tmp-*"))
+    # The first start's events are dropped, step 0 included: each once-per-run item once.
+    acc = EventAccumulator(str(runs / "a"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("inputs/first_batch")] == [0]
+    # Text and layouts are tensors, which only the accumulator the server uses purges.
+    served = ServedAccumulator(str(runs / "a"), size_guidance={"tensors": 0})
+    served.Reload()
+    for tag in ("config/text_summary", "custom_scalars__config__"):
+        assert [e.step for e in served.Tensors(tag)] == [0], tag
+    steps = [step for step, _ in scalars(runs / "a")["train/loss"]]
+    assert steps == sorted(set(steps)), steps
 
 
 # --- 4. One line, never a traceback -----------------------------------------------------------
