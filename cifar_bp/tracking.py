@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ METRIC_TAGS = (
     "test/loss", "val/loss", "train/loss_per_image", "train/loss",
 )  # fmt: skip
 GRID_IMAGES = 32  # of the first batch, 8 to a row
+# HParams live in an event file of their own, named to be read before the writer's files
+# (TensorBoard reads a run's files in name order and keeps the first HParams it meets).
+HPARAMS_FILE = "events.out.tfevents.0000000000.hparams"
 
 
 class Tracker:
@@ -48,10 +52,17 @@ class Tracker:
         self, run_dir: Path | None, purge_step: int | None = None, background_figures: bool = False
     ) -> None:
         self.writer = None
+        self.run_dir = run_dir
         self.csv: MetricsCsv | None = None
         self.drawer = Drawer(background_figures)
         if run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
+
+            if purge_step == 0:
+                # Starting over in the folder of a run stopped before its first checkpoint:
+                # nothing of that start is kept. A purge at step 0 would also hide HParams.
+                discard_events(Path(run_dir))
+                purge_step = None
 
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step, flush_secs=30)
             self.csv = MetricsCsv(Path(run_dir) / "metrics.csv", purge_step)
@@ -141,18 +152,14 @@ class Tracker:
                                   encoded_image_string=p.png)  # fmt: skip
             file_writer.add_summary(Summary(value=[Summary.Value(tag=p.tag, image=image)]), p.step)
 
-    def hparams(self, cfg: Config, metrics: dict[str, float]) -> None:
-        """The run's defining keys, in this run's own event file (add_hparams would start a
-        new one). The metric columns are the last values of scalars the run logged at its
-        end (`metrics` are those), so no one-point `hparam/*` cards crowd the scalars."""
-        if self.writer is None:
+    def hparams(self, cfg: Config, status: str) -> None:
+        """The run's defining keys and its status (running, success, failure, unknown),
+        replacing what an earlier call wrote: a run extended by a resume shows its new
+        epochs, and a diverged run shows as a failure. The metric columns are the last
+        values of scalars the run logs anyway, so no one-point `hparam/*` cards appear."""
+        if self.writer is None or self.run_dir is None:
             return
-        from torch.utils.tensorboard.summary import hparams
-
-        exp, ssi, sei = hparams(hparam_values(cfg), dict.fromkeys(METRIC_TAGS, 0.0))
-        file_writer = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
-            file_writer.add_summary(summary)
+        write_hparams(Path(self.run_dir) / HPARAMS_FILE, hparam_values(cfg), status)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -167,6 +174,37 @@ class Tracker:
             self.drawer.close()
             with contextlib.suppress(Exception):
                 self.writer.close()
+
+
+def write_hparams(path: Path, values: dict[str, float | str], status: str) -> None:
+    """An event file holding only HParams, written whole and renamed into place."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    experiment, start, _ = hparams(values, dict.fromkeys(METRIC_TAGS, 0.0))
+    end = HParamsPluginData(session_end_info=SessionEndInfo(status=api_pb2.Status.Value(status)))
+    plugin = SummaryMetadata.PluginData(plugin_name="hparams", content=end.SerializeToString())
+    tag = "_hparams_/session_end_info"
+    ending = Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
+    now = time.time()
+    events = [Event(wall_time=now, file_version="brain.Event:2")]
+    events += [Event(wall_time=now, step=0, summary=x) for x in (experiment, start, ending)]
+    temporary = path.with_name(f".hparams-{os.getpid()}.tmp")  # no "tfevents": never read
+    with temporary.open("wb") as out:
+        records = RecordWriter(out)
+        for event in events:
+            records.write(event.SerializeToString())
+    os.replace(temporary, path)
+
+
+def discard_events(run_dir: Path) -> None:
+    """Remove a run folder's TensorBoard events and metrics.csv."""
+    for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / "metrics.csv"]:
+        path.unlink(missing_ok=True)
 
 
 def hparam_values(cfg: Config) -> dict[str, float | str]:

@@ -73,8 +73,11 @@ def train(
         with run.lock, StopRequest(run.world) as stop:
             for note in run.data.notes:
                 reporter.note(note)
+            resolved = run.hardware.apply(cfg)  # `auto` as resolved, for what TensorBoard shows
             if not run.resumed:
-                start_tensorboard(run)
+                start_tensorboard(run, resolved)
+            # In HParams from the start, so a run that diverges or is stopped is listed too.
+            run.tracker.hparams(resolved, "STATUS_RUNNING")
             window = Window()
             while run.pos.epoch < cfg.train.epochs:
                 reporter.epoch_start(run.pos.epoch + 1, cfg.train.epochs, len(run.train_loader),
@@ -83,12 +86,15 @@ def train(
                 stopped = train_one_epoch(run, reporter, stop, window)
                 run.elapsed += time.perf_counter() - started
                 if stopped:  # a signal: the checkpoint is saved, report and go
+                    run.tracker.hparams(resolved, "STATUS_UNKNOWN")  # neither ended nor failed
                     return result(run, window, stopped_by=stop.name)
                 window.metrics = end_epoch(run, window, time.perf_counter() - started)
                 reporter.epoch_end(run.pos.epoch, window.metrics, time.perf_counter() - started)
-            out = result(run, window)
-            run.tracker.hparams(run.hardware.apply(cfg), out.metrics)  # `auto` as resolved
-            return out
+            run.tracker.hparams(resolved, "STATUS_SUCCESS")
+            return result(run, window)
+    except Diverged:
+        run.tracker.hparams(run.hardware.apply(cfg), "STATUS_FAILURE")
+        raise
     finally:
         run.tracker.close()
 
@@ -187,9 +193,9 @@ def evaluate_split(run: Run, split: Split) -> dict[str, Any]:
 # --- Logging ------------------------------------------------------------------------------
 
 
-def start_tensorboard(run: Run) -> None:
+def start_tensorboard(run: Run, resolved: Config) -> None:
     """Once per new run: the config, the model graph, a batch as the net sees it, the layout."""
-    run.tracker.config_text(run.hardware.apply(run.cfg), run.hardware.lines())
+    run.tracker.config_text(resolved, run.hardware.lines())
     images, labels = next(iter(run.train_loader.epoch(0)))
     run.tracker.run_start(run.m.plain, images, labels, run.data.classes, run.cfg,
                           run.m.scaler.is_enabled())  # fmt: skip

@@ -20,7 +20,14 @@ from cifar_bp.config import resolve_config
 from cifar_bp.data import DeviceLoader, load_dataset
 from cifar_bp.distributed import World
 from cifar_bp.hardware import choose_hardware
-from cifar_bp.tracking import HPARAM_KEYS, METRIC_TAGS, MetricsCsv, Tracker, pixels_of
+from cifar_bp.tracking import (
+    HPARAM_KEYS,
+    HPARAMS_FILE,
+    METRIC_TAGS,
+    MetricsCsv,
+    Tracker,
+    pixels_of,
+)
 from tests.helpers import SMOKE, only_run, scalars, smoke_scalars
 
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
@@ -154,6 +161,48 @@ def test_hparams_hold_the_defining_keys_as_numbers_or_text(run):
     assert [m.name.tag for m in experiment.metric_infos] == list(METRIC_TAGS)
     # The columns read scalars the run logs anyway: no one-point hparam/* cards.
     assert not [t for t in scalars(run_dir) if t.startswith("hparam/")]
+
+
+def hparams_of(run_dir) -> tuple[dict, str]:
+    """The HParams TensorBoard reads for a run (the first it meets), and the run's status."""
+    from tensorboard.plugins.hparams import api_pb2
+
+    content = accumulator(run_dir).PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    end = HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    return start.session_start_info.hparams, api_pb2.Status.Name(end.session_end_info.status)
+
+
+def test_a_finished_run_is_a_success_with_one_copy_of_its_hparams(run):
+    run_dir, _ = run
+    assert hparams_of(run_dir)[1] == "STATUS_SUCCESS"
+    files = [p.name for p in run_dir.glob("events.out.tfevents.*")]
+    held = [name for name in files if holds_hparams(run_dir / name)]
+    assert held == [HPARAMS_FILE], files
+
+
+def holds_hparams(path) -> bool:
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    try:
+        return bool(acc.PluginTagToContent("hparams"))
+    except KeyError:  # no summary of that plugin in this file
+        return False
+
+
+def test_an_extended_run_shows_its_new_epochs_and_a_diverged_one_its_failure(cli, tmp_path):
+    """TensorBoard keeps the first HParams it reads for a run: a resume that changes them
+    must replace the old ones, and a run that fails must be listed, as a failure."""
+    tiny = ["--set", "data.train_size=128", "--set", "data.test_size=64", "-q"]
+    base = ["train", "--config", SMOKE, "--logdir", tmp_path, *tiny]
+    assert cli(*base, "--run-name", "r", "--epochs", "1").exit_code == 0
+    assert cli("train", "--resume", tmp_path / "r", "--epochs", "2", "-q").exit_code == 0
+    hp, status = hparams_of(tmp_path / "r")
+    assert (hp["train.epochs"].number_value, status) == (2, "STATUS_SUCCESS")
+    blowup = ["--set", "optim.name=sgd", "--lr", "1e12", "--reduction", "sum", "--no-amp"]
+    assert cli(*base, "--run-name", "d", *blowup).exit_code == 1
+    hp, status = hparams_of(tmp_path / "d")
+    assert (hp["optim.lr"].number_value, status) == (1e12, "STATUS_FAILURE")
 
 
 def test_metrics_csv_holds_every_scalar_point(run):
