@@ -4,12 +4,14 @@ From the config's own starting weights, train with a learning rate that grows
 exponentially from `start` to `end`, one batch per value, and watch the loss: it falls
 slowly, then fast, then blows up. The steepest fall of the smoothed loss is a good lr for
 the optimizer as configured. The sweep always writes a new folder and never a training run.
+Ctrl-C or SIGTERM ends it after the current step, and what it measured is still written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,10 +22,15 @@ import torch
 
 from cifar_bp.config import Config
 from cifar_bp.errors import CliError, UsageError
+from cifar_bp.report import QuietReporter, RichReporter
+from cifar_bp.signals import StopRequest
 
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
 MAX_STEPS = 10_000
 STEEPEST = "steepest descent of the smoothed loss"
+PLAIN_LINES = 10  # progress lines per sweep where there is no live bar
+Y_CAP = 2.0  # the figure's y-axis stops at this multiple of the starting loss
+CHECKPOINTS = ("last.pt", "best.pt")  # names train saves under; either marks a run folder
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class SweepOptions:
     run_name: str | None = None  # default lr-find-<time>
 
     def check(self) -> None:
+        if not (math.isfinite(self.start_lr) and math.isfinite(self.end_lr)):
+            raise UsageError(
+                f"--start-lr {self.start_lr:g} and --end-lr {self.end_lr:g}: both must be finite"
+            )
         if not 0 < self.start_lr < self.end_lr:
             raise UsageError(
                 f"--start-lr {self.start_lr:g} and --end-lr {self.end_lr:g}: need 0 < start < end"
@@ -60,6 +71,7 @@ class Sweep:
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
     stopped: str | None = None  # why it ended before the last step
+    interrupted_by: str | None = None  # SIGINT or SIGTERM, when a signal ended it
     suggestion: float | None = None
     rule: str = ""
     min_lr: float | None = None  # the lr at the smoothed loss's minimum
@@ -72,10 +84,12 @@ class Sweep:
 
 
 def plan_dir(logdir: Path, run_name: str | None) -> Path:
-    """A fresh folder under logdir; an existing --run-name is refused, never reused."""
+    """A fresh folder under logdir; an existing --run-name is refused, never reused, and so
+    is a logdir inside a training run (the sweep's folder would land among its files)."""
     from cifar_bp.rundir import check_logdir
 
     check_logdir(logdir)
+    check_not_in_run(logdir)
     if run_name is not None:
         run_dir = logdir / run_name
         if run_dir.exists():
@@ -92,6 +106,28 @@ def plan_dir(logdir: Path, run_name: str | None) -> Path:
     return run_dir
 
 
+def run_marker(folder: Path) -> str | None:
+    """What train leaves in every run folder, its identity (run.json) or a checkpoint, if
+    `folder` holds one."""
+    from cifar_bp.rundir import IDENTITY
+
+    return next((n for n in (IDENTITY, *CHECKPOINTS) if (folder / n).is_file()), None)
+
+
+def check_not_in_run(logdir: Path) -> None:
+    for folder in (logdir, *logdir.parents):
+        marker = run_marker(folder)
+        if marker is None:
+            continue
+        # Path(".").parent is "." again: name the real parent then.
+        parent = folder.parent if folder.name not in ("", "..") else folder.absolute().parent
+        where = "a run folder" if folder == logdir else f"inside the run folder {folder}"
+        raise UsageError(
+            f"--logdir {logdir} is {where} (it holds {marker}): lr-find never writes into an "
+            f"existing run; give the folder that holds the runs, e.g. --logdir {parent}"
+        )
+
+
 def sweep_config(cfg: Config) -> Config:
     """The config as trained, less what would fight the hand-set lr: no schedule (OneCycle
     also rewrites momentum when built), no weight average (unused here) and no compile
@@ -101,20 +137,36 @@ def sweep_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"optim": optim, "train": train})
 
 
-def run_sweep(cfg: Config, options: SweepOptions) -> Sweep:
-    """The sweep, its suggestion, and its files in a new folder."""
-    from cifar_bp.engine import Meters, check_trainable, train_step
+def run_sweep(cfg: Config, options: SweepOptions, reporter: QuietReporter | None = None) -> Sweep:
+    """The sweep, its suggestion, and its files in a new folder; a signal ends it early."""
+    from cifar_bp.distributed import World
+    from cifar_bp.engine import check_trainable
     from cifar_bp.rundir import create_run_dir, new_run_id
 
     options.check()
     check_trainable(cfg)
     run_dir = plan_dir(Path(cfg.log.logdir), options.run_name)
     m, loader = build(sweep_config(cfg))
-    meters = Meters(m.device)
-    # Only now: a config that fails to build leaves no folder. mkdir(exist_ok=False) inside,
-    # so a folder that appeared meanwhile is an error, never written into.
-    create_run_dir(run_dir, cfg, new_run_id())
     sweep = Sweep(run_dir, options)
+    # The handlers go in only now, as in train: a signal while the data loads aborts at once.
+    with StopRequest(World()) as stop:
+        # Only now: a config that fails to build leaves no folder. mkdir(exist_ok=False)
+        # inside, so a folder that appeared meanwhile is an error, never written into.
+        create_run_dir(run_dir, cfg, new_run_id())
+        measure(sweep, m, loader, reporter or QuietReporter(), stop)
+        suggest(sweep)
+        write_results(sweep)  # still under the handlers: a repeated SIGTERM cannot cut it
+    return sweep
+
+
+def measure(sweep: Sweep, m: Any, loader: Any, reporter: QuietReporter, stop: StopRequest) -> None:
+    """One step per lr until the last, divergence, or a signal (after the step it cut)."""
+    from cifar_bp.engine import Meters, train_step
+
+    options, meters = sweep.options, Meters(m.device)
+    every = 1 if isinstance(reporter, RichReporter) else max(1, options.steps // PLAIN_LINES)
+    reporter.epoch_start(1, 1, options.steps, 0)
+    started, seen = time.perf_counter(), 0
     for i, (images, labels) in zip(range(options.steps), batches(loader), strict=False):
         lr = options.lr_at(i)
         for group in m.optimizer.param_groups:
@@ -122,11 +174,16 @@ def run_sweep(cfg: Config, options: SweepOptions) -> Sweep:
         train_step(m, images, labels, meters)
         values = meters.read()  # one read-back per step: the sweep needs every loss
         meters.reset_window()
-        if not record(sweep, lr, values["loss_sum"] if values["steps"] else math.nan):
-            break
-    suggest(sweep)
-    write_results(sweep)
-    return sweep
+        going = record(sweep, lr, values["loss_sum"] if values["steps"] else math.nan)
+        seen += len(labels)
+        if sweep.smoothed and ((i + 1) % every == 0 or not going):
+            rate = seen / max(time.perf_counter() - started, 1e-9)
+            reporter.progress(len(sweep.smoothed), sweep.smoothed[-1], rate)
+        if stop.name is not None:  # exit as signalled even where this step also diverged
+            sweep.interrupted_by = stop.name
+            sweep.stopped = sweep.stopped or f"interrupted by {stop.name}"
+        if not going or sweep.interrupted_by:
+            return
 
 
 def build(cfg: Config) -> tuple[Any, Any]:
@@ -234,6 +291,7 @@ def figure(sweep: Sweep) -> Any:
     ax = fig.add_subplot()
     ax.plot(sweep.lrs, sweep.losses, alpha=0.3, label="loss")
     ax.plot(sweep.lrs, sweep.smoothed, label="smoothed loss")
+    ax.set_ylim(*y_range(sweep))
     if sweep.suggestion is not None:
         ax.axvline(
             sweep.suggestion, color="red", ls="--", label=f"suggested {sweep.suggestion:.1e}"
@@ -242,6 +300,17 @@ def figure(sweep: Sweep) -> Any:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def y_range(sweep: Sweep) -> tuple[float, float]:
+    """From just below the lowest loss to at most Y_CAP × the starting loss: the descent,
+    the part that is read, fills the plot instead of being flattened by the final spike."""
+    values = sweep.losses + sweep.smoothed
+    low, high = min(values), max(values)
+    if sweep.smoothed[0] > 0:
+        high = max(min(high, Y_CAP * sweep.smoothed[0]), low)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.1
+    return low - margin, high + margin
 
 
 def summary_lines(sweep: Sweep) -> list[str]:
@@ -266,6 +335,10 @@ def print_sweep(sweep: Sweep, json_out: bool, rows: int = 20) -> None:
 
     if json_out:
         typer.echo(json.dumps(sweep.as_dict(), indent=2))
+        if sweep.interrupted_by:  # stdout holds only the JSON
+            typer.echo(f"interrupted by {sweep.interrupted_by} after {len(sweep.lrs)} of "
+                       f"{sweep.options.steps} steps; the results so far are in {sweep.run_dir}",
+                       err=True)  # fmt: skip
         return
     from rich.console import Console
     from rich.table import Table
@@ -288,5 +361,6 @@ def print_sweep(sweep: Sweep, json_out: bool, rows: int = 20) -> None:
         typer.echo(line)
     if sweep.suggestion is not None:
         typer.echo(f"train with it: --set optim.lr={sweep.suggestion:.2e}")
-    typer.echo(f"written to {sweep.run_dir}")
-    typer.echo(f"plot: tensorboard --logdir {sweep.run_dir}")
+    done = " (the steps measured before the signal)" if sweep.interrupted_by else ""
+    typer.echo(f"written to {sweep.run_dir}{done}")
+    typer.echo(f"plot: tensorboard --logdir {shlex.quote(str(sweep.run_dir))}")

@@ -146,20 +146,35 @@ def lr_find(
         typer.Option("--run-name", help="Folder name under --logdir [default: lr-find-DATE-TIME]."),
     ] = None,
     json_out: JsonOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress: print only the results.")
+    ] = False,
 ) -> None:
     """LR range test: sweep the lr exponentially from the config's starting weights.
 
     One batch per lr value, stopped once the smoothed loss exceeds 4× its best (or is not
     finite); prints a table and the lr where the smoothed loss falls fastest. Writes
     TensorBoard scalars lr_find/loss and lr_find/lr to a new folder, never an existing run.
+    Ctrl-C or SIGTERM stops it after the current step and still writes what it measured
+    (exit 130 or 143, as train does).
 
     Example: `cifar-bp lr-find -c configs/article.yaml --steps 100`
     """
     from cifar_bp.config import resolve_config
     from cifar_bp.lrfind import SweepOptions, print_sweep, run_sweep
+    from cifar_bp.report import make_reporter
+    from cifar_bp.signals import EXIT_CODES
 
     flags = flags_of(device=device, batch_size=batch_size, seed=seed, logdir=logdir,
                      run_name=run_name)  # fmt: skip
     cfg = resolve_config(config, flags, set_ or [])  # validates --run-name like train does
     options = SweepOptions(start_lr, end_lr, steps, run_name)
-    print_sweep(run_sweep(cfg, options), json_out)
+    options.check()  # before a progress bar starts: a mistake is one line on a clean screen
+    reporter = make_reporter(quiet or json_out, prefix="lr-find: ")  # --json: stdout is JSON
+    try:
+        sweep = run_sweep(cfg, options, reporter)
+    finally:
+        reporter.close()
+    print_sweep(sweep, json_out)
+    if sweep.interrupted_by:
+        raise typer.Exit(EXIT_CODES[sweep.interrupted_by])
