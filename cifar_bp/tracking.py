@@ -104,7 +104,8 @@ class Tracker:
         self.figure(
             "inputs/first_batch", 0, "image_grid", *input_grid(images, labels, classes, cfg)
         )
-        self.writer.add_custom_scalars(layout([n for n, p in model.named_parameters()], scaler))
+        names = [n for n, p in model.named_parameters()]
+        self.writer.add_custom_scalars(layout(names, scaler, cfg.log.grad_norms))
 
     def histograms(self, named_params: Sequence[tuple[str, nn.Parameter]], step: int) -> None:
         """Weights and (already unscaled) gradients of every parameter."""
@@ -227,13 +228,16 @@ def hparam_values(cfg: Config) -> dict[str, float | str]:
     return out
 
 
-def layout(param_names: Sequence[str], scaler: bool) -> dict[str, dict[str, list[Any]]]:
+def layout(
+    param_names: Sequence[str], scaler: bool, grad_norms: bool = True
+) -> dict[str, dict[str, list[Any]]]:
     """The Custom Scalars page: what matters first, then one chart per layer's norms.
 
     TensorBoard merges the layouts of the runs it shows, chart by chart without repeats, so
     the runs of a compare parent share one page. Loss per image puts mean and sum runs on
     one scale. The loss-scale charts come only with a GradScaler (float16), the only
-    precision that writes `amp/*`: an empty chart would only puzzle.
+    precision that writes `amp/*`, and the norm charts only with `log.grad_norms`: an empty
+    chart would only puzzle.
     """
     learning = {
         "loss per image (mean and sum runs compare)": [
@@ -259,11 +263,10 @@ def layout(param_names: Sequence[str], scaler: bool) -> dict[str, dict[str, list
     if scaler:
         speed["AMP loss scale"] = ["Multiline", [r"^amp/scale$"]]
         speed["AMP skipped steps"] = ["Multiline", [r"^amp/skipped_steps$"]]
-    return {
-        "1. loss, accuracy, learning rate": learning,
-        "2. gradient norms per layer": norms,
-        "3. speed and mixed precision": speed,
-    }
+    pages = {"1. loss, accuracy, learning rate": learning, "2. gradient norms per layer": norms}
+    if not grad_norms:
+        del pages["2. gradient norms per layer"]
+    return pages | {"3. speed and mixed precision": speed}
 
 
 def input_grid(

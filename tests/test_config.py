@@ -135,6 +135,18 @@ def test_loss_overlays_are_the_default_recipe_with_another_loss():
         }
 
 
+def test_quick_is_the_default_recipe_with_a_smaller_budget():
+    """The recipe is written once: quick.yaml names only its budget."""
+    path = ROOT / "configs" / "quick.yaml"
+    assert yaml.safe_load(path.read_text())["extends"] == "default.yaml"
+    default, quick = resolve_config(None).model_dump(), resolve_config(path).model_dump()
+    changed = {(s, k): v for s in quick for k, v in quick[s].items() if default[s][k] != v}
+    assert changed == {
+        ("optim", "lr"): 0.0015, ("train", "epochs"): 4, ("train", "batch_size"): 64,
+        ("train", "eval_shift"): 0, ("train", "ema_decay"): None,
+    }  # fmt: skip
+
+
 def test_extends_chains_deep_merge_relative_to_each_file(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "data:\n  source: synthetic\n  train_size: 100\n  augment: {crop_padding: 4}\n"

@@ -238,6 +238,25 @@ def test_histograms_off_writes_none_and_every_n_steps_follows_the_setting(cli, t
     assert [e.step for e in acc.Histograms("grads/model1.linear2.bias")] == [1, 2, 3, 4]
 
 
+def test_without_gradient_norms_the_layout_has_no_empty_charts(cli, tmp_path):
+    result = cli("train", "--config", SMOKE, *SMALL, "--epochs", "1", "--logdir", tmp_path,
+                 "--set", "log.grad_norms=false")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    run_dir = only_run(tmp_path)
+    acc = accumulator(run_dir)
+    layout = layout_pb2.Layout.FromString(
+        acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    tags = set(scalars(run_dir))
+    assert not [t for t in tags if t.startswith("grad_norm/")]
+    assert [c.title for c in layout.category] == [
+        "1. loss, accuracy, learning rate",
+        "3. speed and mixed precision",
+    ]
+    for chart in (chart for category in layout.category for chart in category.chart):
+        assert any(re.search(rx, t) for rx in chart.multiline.tag for t in tags), chart.title
+
+
 def test_input_grid_shows_the_pixels_the_net_was_fed():
     # Evaluation batches are normalized but not augmented: undoing the normalization must
     # give back the stored pixels.
