@@ -124,8 +124,9 @@ class LossConfig(_Section):
     @classmethod
     def _ten_weights(cls, weight: list[float] | None) -> list[float] | None:
         # All zeros makes the mean loss 0/0: NaN on the first step.
-        if weight is not None and (len(weight) != 10 or min(weight) < 0 or max(weight) == 0):
-            raise ValueError("weight needs 10 numbers >= 0, one per class, not all zero")
+        n = cifar10.NUM_CLASSES
+        if weight is not None and (len(weight) != n or min(weight) < 0 or max(weight) == 0):
+            raise ValueError(f"weight needs {n} numbers >= 0, one per class, not all zero")
         return weight
 
 

@@ -9,13 +9,15 @@ single batched gather.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cifar_bp.cifar10 import CLASSES, SIDE
+from cifar_bp.cifar10 import CLASSES, NUM_CLASSES, SIDE
 from cifar_bp.config import AugmentConfig, DataConfig
 from cifar_bp.errors import CliError, UsageError, first_line
 
@@ -111,9 +113,9 @@ def synthetic_split(size: int, seed: int, chunk: int = 4096) -> Split:
     Built in chunks straight into uint8, so 50,000 images never exist as floats at once.
     """
     gen = torch.Generator().manual_seed(12345)  # the prototypes are shared by all splits
-    coarse = torch.rand(10, 3, 4, 4, generator=gen)
+    coarse = torch.rand(NUM_CLASSES, 3, 4, 4, generator=gen)
     protos = torch.nn.functional.interpolate(coarse, size=SIDE, mode="bicubic", align_corners=False)
-    images = torch.empty(size, 3, SIDE, SIDE, dtype=torch.uint8)
+    images = allocate_images(size)
     labels = torch.empty(size, dtype=torch.int64)
     for index, start in enumerate(range(0, size, chunk)):
         n = min(chunk, size - start)
@@ -123,11 +125,33 @@ def synthetic_split(size: int, seed: int, chunk: int = 4096) -> Split:
     return Split(images, labels)
 
 
+def allocate_images(size: int) -> torch.Tensor:
+    """Room for `size` uint8 images; a size this machine cannot hold is one line."""
+    needed = size * 3 * SIDE * SIDE
+    try:
+        if needed > physical_memory():  # where overcommit would let the allocation through
+            raise MemoryError
+        return torch.empty(size, 3, SIDE, SIDE, dtype=torch.uint8)
+    except (RuntimeError, MemoryError):
+        raise CliError(
+            f"{size:,} synthetic images need {needed / 2**30:,.1f} GiB of memory, more than "
+            "this machine can give: lower data.train_size or data.test_size"
+        ) from None
+
+
+def physical_memory() -> float:
+    """Bytes of RAM, or infinity where the system does not say."""
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
 def _synthetic_chunk(
     protos: torch.Tensor, n: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = torch.randint(0, 10, (n,), generator=gen)
-    others = (labels + torch.randint(1, 10, (n,), generator=gen)) % 10
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    others = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen)) % NUM_CLASSES
     mix = 0.55 + 0.25 * torch.rand(n, 1, 1, 1, generator=gen)  # weight of the true class
     blend = mix * _shifted(protos, labels, gen) + (1 - mix) * _shifted(protos, others, gen)
     contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=gen)

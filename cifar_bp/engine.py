@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Meters:
-    """Running sums kept on the device between log points (no host sync per step)."""
+    """Running sums kept on the device, read back in one copy at log points: on CUDA that is
+    the only host sync; on the CPU, where work is synchronous, the trainer also reads them
+    every step to stop a divergence at once (trainer.train_one_epoch)."""
 
     device: torch.device
     values: dict[str, torch.Tensor] = field(init=False)

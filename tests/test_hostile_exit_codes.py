@@ -54,6 +54,7 @@ CASES = [
     ("inspect-grads-corrupt-checkpoint", ["inspect-grads", "--checkpoint", "CORRUPT"], 1),
     ("train-resume-corrupt-checkpoint", ["train", "--resume", "CORRUPT"], 1),
     ("train-missing-data", ["train", *TINY, *NO_DATA], 1),
+    ("train-synthetic-beyond-memory", ["train", *TINY, "--set", "data.train_size=2000000000"], 1),
     ("evaluate-missing-data", ["evaluate", "--checkpoint", "GOOD", *NO_DATA], 1),
     ("compare-missing-data", ["compare", *TINY, "--losses", "ce", *NO_DATA], 1),
 ]  # fmt: skip
