@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
-from cifar_bp.config import Config, read_yaml, resolve_config
+from cifar_bp.cifar10 import CLASSES
+from cifar_bp.config import Config, DataConfig, read_yaml, resolve_config
 from cifar_bp.engine import EvalResult, Scoring, evaluate
 from cifar_bp.errors import UsageError
-from cifar_bp.hardware import resolve_device, resolve_precision
+from cifar_bp.hardware import resolve_device, scoring_precision
 from cifar_bp.losses import build_loss
 from cifar_bp.model import build_model
+
+if TYPE_CHECKING:
+    from cifar_bp.data import Split
 
 # Only these may differ from the checkpoint's config: the model is the checkpoint's.
 EVAL_KEYS = (
@@ -22,6 +28,7 @@ EVAL_KEYS = (
     "train.eval_shift",
     "train.device",
 )
+SUBSET_KEYS = ("train_size", "test_size", "val_size")
 
 
 @dataclass
@@ -30,11 +37,14 @@ class Evaluation:
     classes: list[str]
     results: dict[str, EvalResult]
     scoring: Scoring
+    scored_folder: Path | None = None  # the images scored, when not the run's own data
 
     def as_dict(self) -> dict[str, Any]:
+        folder = {} if self.scored_folder is None else {"scored_folder": str(self.scored_folder)}
         return {
             "checkpoint": str(self.checkpoint),
             "classes": self.classes,
+            **folder,
             **self.scoring.as_dict(),
             "results": {split: split_dict(r) for split, r in self.results.items()},
         }
@@ -64,13 +74,32 @@ def eval_config(
                 f"--set {item}: evaluate takes only data.*, train.eval_flip, train.eval_shift "
                 "and train.device"
             )
-    return resolve_config(None, {}, sets, base=base)
+    cfg = resolve_config(None, {}, sets, base=base)
+    if config_path is None and is_other_folder(cfg.data, base.get("data", {})):
+        # The run's subset sizes and validation split were about its own data; another
+        # folder is scored whole unless --set says otherwise.
+        own = {k: v for k, v in base.get("data", {}).items() if k not in SUBSET_KEYS}
+        cfg = resolve_config(None, {}, sets, base={**base, "data": own})
+    return cfg
+
+
+def is_other_folder(data: DataConfig, run_data: dict[str, Any]) -> bool:
+    """A folder source that is not the one the run trained on."""
+    if data.source != "folder":
+        return False
+    if run_data.get("source") != "folder":
+        return True
+    return _resolved(data.root) != _resolved(str(run_data.get("root", "")))
+
+
+def _resolved(root: str) -> Path:
+    return Path(root).expanduser().resolve()
 
 
 def evaluate_checkpoint(
     path: Path, config_path: Path | None, sets: list[str], device: str | None
 ) -> Evaluation:
-    from cifar_bp.data import DeviceLoader, load_dataset
+    from cifar_bp.data import DeviceLoader
 
     payload = load_checkpoint(path)
     cfg = eval_config(
@@ -80,18 +109,37 @@ def evaluate_checkpoint(
     model = build_model(cfg.model, dev)
     # A run that kept a weight average reported the average's accuracy: score the same.
     load_model_state(model, weights_of(payload), path)
-    data = load_dataset(cfg.data, cfg.train.seed)
+    classes, splits, scored = splits_to_score(cfg, payload, path)
     loss_fn = build_loss(cfg.loss).to(dev)
     # The precision the run trained and evaluated with, so the figures match its logs.
-    precision = resolve_precision(cfg.train, dev)
+    precision = scoring_precision(cfg.train, dev)
     results = {}
     t = cfg.train
-    for name, split in (("val", data.val), ("test", data.test)):
-        if split is not None:
-            loader = DeviceLoader(split, cfg.data, t.eval_batch_size, dev, train=False,
-                                  channels_last=cfg.model.channels_last)  # fmt: skip
-            results[name] = evaluate(
-                model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
-            )
+    for name, split in splits.items():
+        loader = DeviceLoader(split, cfg.data, t.eval_batch_size, dev, train=False,
+                              channels_last=cfg.model.channels_last)  # fmt: skip
+        results[name] = evaluate(
+            model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
+        )
     scoring = Scoring(bool(payload.get("average")), t.eval_flip, t.eval_shift)
-    return Evaluation(path, list(data.classes), results, scoring)
+    return Evaluation(path, list(classes), results, scoring, scored)
+
+
+def splits_to_score(
+    cfg: Config, payload: dict[str, Any], path: Path
+) -> tuple[tuple[str, ...], dict[str, Split], Path | None]:
+    """The class names, the splits by name, and the folder scored when it is not the run's
+    own data. Another folder's labels are the checkpoint's indices of its class names."""
+    from cifar_bp.data import Split, load_dataset
+
+    if is_other_folder(cfg.data, config_of(payload, path).get("data", {})):
+        from cifar_bp.folder import load_to_score
+
+        classes = tuple(payload.get("classes") or CLASSES)
+        (images, labels), folder = load_to_score(cfg.data, classes)
+        size = min(len(labels), cfg.data.test_size or len(labels))
+        split = Split(torch.from_numpy(images[:size]), torch.from_numpy(labels[:size]))
+        return classes, {"test": split}, folder
+    data = load_dataset(cfg.data, cfg.train.seed)
+    splits = {name: s for name, s in (("val", data.val), ("test", data.test)) if s is not None}
+    return data.classes, splits, None

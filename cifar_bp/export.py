@@ -25,6 +25,7 @@ from cifar_bp.predict import Trained, load_trained
 TOLERANCE = 1e-4  # max abs difference of the logits, onnxruntime against torch
 CHECK_BATCHES = (16, 3)  # two sizes: proves the batch dimension is really dynamic
 INSTALL_HINT = "pip install 'cifar-bp[onnx]'"
+FILE_NAME = "model.onnx"
 
 
 class Normalized(nn.Module):
@@ -48,12 +49,15 @@ class Exported:
     exporter: str
     averaged: bool
     runtime: str
+    outputs: int  # the network's logits per image; a folder run may name fewer classes
+    classes: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "max_abs_diff": self.max_diff, "tolerance": TOLERANCE,
             "batches": list(self.batches), "exporter": self.exporter,
             "weight_average": self.averaged, "onnxruntime": self.runtime,
+            "outputs": self.outputs, "classes": self.classes,
         }  # fmt: skip
 
 
@@ -71,16 +75,31 @@ def require_onnx() -> None:
 
 def default_output(checkpoint: Path) -> Path:
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return run_dir / "model.onnx"
+    return run_dir / FILE_NAME
 
 
-def export_checkpoint(checkpoint: Path, output: Path | None = None) -> Exported:
+def output_path(checkpoint: Path, output: str | Path | None) -> tuple[Path, bool]:
+    """Where the file goes, and whether its folder must be made: an existing directory or
+    a name ending in a slash (give it as a str: `Path` drops the slash) is a folder."""
+    if output is None:
+        return default_output(checkpoint), False
+    text = os.fspath(output)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        folder = Path(text)
+        return folder / FILE_NAME, not folder.is_dir()
+    return Path(text), False
+
+
+def export_checkpoint(checkpoint: Path, output: str | Path | None = None) -> Exported:
     """Export, verify with onnxruntime, and only then move the file to its name."""
     require_onnx()
     trained = load_trained(checkpoint)
-    out = output or default_output(checkpoint)
-    if out.is_dir():
-        out = out / "model.onnx"
+    out, make_folder = output_path(checkpoint, output)
+    if make_folder:
+        try:
+            out.parent.mkdir(parents=True)
+        except OSError as err:
+            raise CliError(f"cannot make {out.parent}: {err.strerror or err}") from None
     if not out.parent.is_dir():
         raise CliError(f"cannot write {out}: {out.parent} is not a directory")
     wrapped = Normalized(trained.model, trained.mean, trained.std).eval()
@@ -88,7 +107,7 @@ def export_checkpoint(checkpoint: Path, output: Path | None = None) -> Exported:
     try:
         exporter = write_onnx(wrapped, tmp)
         add_metadata(tmp, trained)
-        max_diff, runtime = check_against_torch(wrapped, tmp, len(trained.classes))
+        max_diff, runtime, outputs = check_against_torch(wrapped, tmp)
         if not max_diff <= TOLERANCE:
             raise CliError(
                 f"onnxruntime and torch disagree: max abs logit difference {max_diff:.2e} > "
@@ -98,7 +117,12 @@ def export_checkpoint(checkpoint: Path, output: Path | None = None) -> Exported:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return Exported(out, max_diff, CHECK_BATCHES, exporter, trained.scoring.averaged, runtime)
+        if make_folder and not out.exists():
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()  # made for this file alone
+    averaged = trained.scoring.averaged
+    return Exported(out, max_diff, CHECK_BATCHES, exporter, averaged, runtime, outputs,
+                    trained.classes)  # fmt: skip
 
 
 def write_onnx(model: nn.Module, path: Path) -> str:
@@ -134,6 +158,7 @@ def add_metadata(path: Path, trained: Trained) -> None:
 
     model = onnx.load(str(path))
     meta = {
+        # Logit i is classes[i]; a run with fewer classes than outputs left the rest untrained.
         "classes": json.dumps(trained.classes),
         "input": "float32 Nx3x32x32 RGB in [0, 1]; normalisation is inside the graph",
         "mean": json.dumps(list(trained.mean)),
@@ -146,8 +171,9 @@ def add_metadata(path: Path, trained: Trained) -> None:
 
 
 @torch.no_grad()
-def check_against_torch(model: nn.Module, path: Path, classes: int) -> tuple[float, str]:
-    """Max abs logit difference over seeded random batches of each CHECK_BATCHES size."""
+def check_against_torch(model: nn.Module, path: Path) -> tuple[float, str, int]:
+    """Max abs logit difference over seeded random batches of each CHECK_BATCHES size, the
+    onnxruntime version, and the network's output width (which the file must match)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -156,10 +182,15 @@ def check_against_torch(model: nn.Module, path: Path, classes: int) -> tuple[flo
     for n in CHECK_BATCHES:
         pixels = torch.rand(n, CHANNELS, SIDE, SIDE, generator=gen)
         (logits,) = session.run(["logits"], {"pixels": pixels.numpy()})
-        if logits.shape != (n, classes):
-            raise CliError(f"the ONNX model returned shape {logits.shape} for a batch of {n}")
-        diffs.append((torch.from_numpy(logits) - model(pixels)).abs().max())
-    return torch.stack(diffs).max().item(), onnxruntime.__version__  # a NaN stays visible
+        expected = model(pixels)
+        if logits.shape != tuple(expected.shape):
+            raise CliError(
+                f"the ONNX model returned shape {logits.shape} for a batch of {n}; the "
+                f"network returns {tuple(expected.shape)}"
+            )
+        diffs.append((torch.from_numpy(logits) - expected).abs().max())
+    # A NaN stays visible in the max.
+    return torch.stack(diffs).max().item(), onnxruntime.__version__, expected.shape[1]
 
 
 def print_export(result: Exported, json_out: bool) -> None:
@@ -172,10 +203,18 @@ def print_export(result: Exported, json_out: bool) -> None:
     sizes = " and ".join(str(n) for n in result.batches)
     typer.echo(f"exported the {weights} ({result.exporter} exporter)")
     typer.echo("  input  'pixels' float32 N×3×32×32, RGB in [0, 1] (normalised in the graph)")
-    typer.echo("  output 'logits' float32 N×10")
+    typer.echo(f"  output 'logits' float32 N×{result.outputs}{_named(result)}")
     typer.echo(f"checked with onnxruntime {result.runtime} on batches of {sizes}:")
     typer.echo(
         f"  max abs logit difference {result.max_diff:.1e} against torch "
         f"(tolerance {TOLERANCE:.0e})"
     )
     typer.echo(str(result.path))
+
+
+def _named(result: Exported) -> str:
+    """Which logits carry a class name, when the run named fewer classes than outputs."""
+    named = len(result.classes)
+    if named >= result.outputs:
+        return ""
+    return f" (the first {named} are the run's classes: {', '.join(result.classes)})"

@@ -1,4 +1,5 @@
 """The folder source: `root/train/<class>/*.png|jpg|jpeg`, optionally `root/test/<class>/...`.
+Images in sub-folders of a class folder belong to that class.
 
 Decoding tens of thousands of small files takes seconds, so each split is decoded once,
 in worker processes, into an uncompressed .npz under `data.cache_dir`. Later runs only
@@ -22,9 +23,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
-from operator import attrgetter
+from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 EXPECTED = "train/<class>/*.png|*.jpg"
-CACHE_VERSION = "1"  # bump when decoding changes, so that existing caches are rebuilt
+CACHE_VERSION = "2"  # bump when decoding changes, so that existing caches are rebuilt
 CHUNK = 500  # files per task: large enough to amortise pickling, small enough for progress
 WORKERS = 2
 # Starting worker processes costs more than decoding a small folder in-process, and a
@@ -103,6 +104,25 @@ def check_root(root: Path) -> None:
         raise CliError(f"data.root {root} has no train/ folder (expected {root}/{EXPECTED})")
 
 
+def load_to_score(cfg: DataConfig, classes: tuple[str, ...]) -> tuple[Arrays, Path]:
+    """The images of a folder other than a run's own, labelled by the run's `classes`:
+    `root/test/` if there is one, else `root/train/`, else root's own class folders. No
+    training split is needed: every image found is scored."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise CliError(f"data.root {root} {what} (expected {root}/<class>/*.png|*.jpg)")
+    folder = next((root / s for s in ("test", "train") if (root / s).is_dir()), root)
+    # By name: the folder's own sorted names would number its classes afresh.
+    unknown = [name for name in _class_folders(folder) if name not in classes]
+    if unknown:
+        raise CliError(
+            f"{folder} has class folders the checkpoint does not know: {', '.join(unknown)} "
+            f"(its classes: {', '.join(classes)})"
+        )
+    return load_split(list_split(folder, classes), Path(cfg.cache_dir), []), folder
+
+
 def list_split(folder: Path, classes: tuple[str, ...] | None = None) -> Listing:
     """List and stat every image of a split. `classes` (train's) fixes the label of each
     class folder; without it the sorted folder names are the classes."""
@@ -111,11 +131,18 @@ def list_split(folder: Path, classes: tuple[str, ...] | None = None) -> Listing:
     names = _class_folders(folder)
     if not names:
         raise CliError(f"{folder} has no class folders (expected {folder}/<class>/*.png|*.jpg)")
-    classes = classes or tuple(names)
+    defined, classes = classes is None, classes or tuple(names)
     unknown = [name for name in names if name not in classes]
     if unknown:
         raise CliError(f"{folder} has class folders that train/ lacks: {', '.join(unknown)}")
     per_class = [_stat_images(folder / name) for name in names]
+    # A class folder defines a label even when empty, and shifts every later one.
+    empty = [name for name, (found, _) in zip(names, per_class, strict=True) if not found]
+    if defined and empty and len(empty) < len(names):
+        raise CliError(
+            f"class folder {folder / empty[0]} has no images (*.png, *.jpg, *.jpeg): add "
+            "some or remove it, as it would still take a class index"
+        )
     files = [
         f"{name}/{file}"
         for name, (found, _) in zip(names, per_class, strict=True)
@@ -137,23 +164,32 @@ def list_split(folder: Path, classes: tuple[str, ...] | None = None) -> Listing:
 
 
 def _stat_images(folder: Path) -> tuple[list[str], np.ndarray]:
-    """The image names in a class folder, sorted, and their (size, mtime_ns) as int64 rows.
+    """The image paths under a class folder (sub-folders included), relative to it and
+    sorted, and their (size, mtime_ns) as int64 rows.
 
-    Written for speed (a warm start stats 50,000 files): no per-entry function calls."""
+    Written for speed (a warm start stats 50,000 files): one scandir pass per folder."""
+    found: list[tuple[str, os.DirEntry]] = []
     try:
-        with os.scandir(folder) as entries:
-            found = [
-                e
-                for e in entries
-                if (name := e.name).lower().endswith(EXTENSIONS) and name[0] != "." and e.is_file()
-            ]
-            found.sort(key=attrgetter("name"))
-            stats = [e.stat() for e in found]
+        _scan(folder, "", found)
+        found.sort(key=itemgetter(0))
+        stats = [e.stat() for _, e in found]
     except OSError as err:
-        raise CliError(f"cannot read {folder}: {err.strerror or err}") from None
+        raise CliError(f"cannot read {err.filename or folder}: {err.strerror or err}") from None
     sizes = np.fromiter([st.st_size for st in stats], np.int64, len(stats))
     mtimes = np.fromiter([st.st_mtime_ns for st in stats], np.int64, len(stats))
-    return [e.name for e in found], np.stack([sizes, mtimes], axis=1)
+    return [name for name, _ in found], np.stack([sizes, mtimes], axis=1)
+
+
+def _scan(folder: Path | str, prefix: str, found: list[tuple[str, os.DirEntry]]) -> None:
+    with os.scandir(folder) as entries:
+        for e in entries:
+            name = e.name
+            if name[0] == ".":
+                continue
+            if name.lower().endswith(EXTENSIONS) and e.is_file():
+                found.append((prefix + name, e))
+            elif e.is_dir(follow_symlinks=False):  # a linked folder could loop back
+                _scan(e.path, f"{prefix}{name}/", found)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -264,12 +300,28 @@ def _decode_chunk(paths: list[str]) -> np.ndarray | str:
                     width, height = image.size
                     return f"{path}: {width}×{height} pixels; only 32×32 images are accepted"
                 # Grayscale is replicated to RGB; an alpha channel is dropped.
-                pixels[i] = np.asarray(image.convert("RGB"))
+                pixels[i] = np.asarray(eight_bit(image).convert("RGB"))
         except UnidentifiedImageError:
             return f"{path}: not a PNG or JPEG image"
         except (OSError, ValueError, SyntaxError) as err:
             return f"{path}: cannot be decoded ({err})"
     return pixels
+
+
+def eight_bit(img: Any) -> Any:
+    """A 16-bit or float greyscale PIL image brought to 8 bits by its range (others as
+    they are). PIL's own conversion clips these at 255, which turns a 16-bit photo white."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    peak = float(values.max(initial=0.0))
+    # 16-bit modes span 0..65535; a float image usually 0..1; "I" is 16-bit from a PNG.
+    if img.mode.startswith("I;16") or peak > 255:
+        top = 65535.0
+    else:
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)
 
 
 @contextlib.contextmanager

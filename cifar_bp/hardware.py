@@ -129,6 +129,14 @@ def resolve_precision(
     )
 
 
+def scoring_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """The precision a run trained in, to score its checkpoint as its logs did; a float16
+    run scored on a CPU (which has no float16 autocast) gets what `auto` picks there."""
+    if cfg.amp is not False and cfg.amp_dtype == "float16" and device.type != "cuda":
+        cfg = cfg.model_copy(update={"amp": "auto", "amp_dtype": "auto"})
+    return resolve_precision(cfg, device)
+
+
 def _precision(
     cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None, reason: str
 ) -> Precision:

@@ -22,7 +22,8 @@ from cifar_bp.cifar10 import SIDE
 from cifar_bp.engine import Scoring
 from cifar_bp.errors import CliError, UsageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# What a folder or glob contributes; any file named on its own is tried whatever its name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 256  # images per forward pass: bounds memory for a folder of thousands
 
 
@@ -127,6 +128,8 @@ def read_image(path: Path) -> tuple[torch.Tensor, list[str]]:
     """uint8 3×32×32 RGB, and what had to be done to get there."""
     from PIL import Image, UnidentifiedImageError
 
+    from cifar_bp.folder import eight_bit
+
     try:
         with Image.open(path) as img:
             img.load()
@@ -146,25 +149,6 @@ def read_image(path: Path) -> tuple[torch.Tensor, list[str]]:
     return pixels.view(SIDE, SIDE, 3).permute(2, 0, 1).contiguous(), notes
 
 
-def eight_bit(img: Any) -> Any:
-    """A 16-bit or float greyscale image brought to 8 bits by its range. PIL's own
-    conversion clips these at 255, which turns a 16-bit photo white."""
-    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
-        return img
-    import numpy as np
-    from PIL import Image
-
-    values = np.asarray(img, dtype=np.float64)
-    peak = float(values.max(initial=0.0))
-    # 16-bit modes span 0..65535; a float image usually 0..1; "I" is 16-bit from a PNG.
-    if img.mode.startswith("I;16") or peak > 255:
-        top = 65535.0
-    else:
-        top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0
-    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled)
-
-
 def preprocess(images: torch.Tensor, trained: Trained) -> torch.Tensor:
     """uint8 N×3×32×32 → the float input the network was trained on."""
     mean = torch.tensor(trained.mean).view(1, 3, 1, 1)
@@ -174,13 +158,15 @@ def preprocess(images: torch.Tensor, trained: Trained) -> torch.Tensor:
 
 @torch.no_grad()
 def probabilities(trained: Trained, images: torch.Tensor) -> torch.Tensor:
-    """Softmax over all classes for uint8 N×3×32×32, in float32, a batch at a time."""
+    """Softmax over the run's named classes for uint8 N×3×32×32, in float32, a batch at a
+    time. A run with fewer classes than the net has outputs never trained the rest, so they
+    take no share of the probability."""
     from cifar_bp.engine import view_logits
 
-    t, views = trained, (trained.scoring.flip, trained.scoring.shift)
+    t, views, named = trained, (trained.scoring.flip, trained.scoring.shift), len(trained.classes)
     batches = (preprocess(images[i : i + BATCH], t) for i in range(0, len(images), BATCH))
-    chunks = [torch.softmax(view_logits(t.model, x, *views), dim=1) for x in batches]
-    return torch.cat(chunks)
+    logits = (view_logits(t.model, x, *views)[:, :named] for x in batches)
+    return torch.cat([torch.softmax(chunk, dim=1) for chunk in logits])
 
 
 def predict(
@@ -191,8 +177,9 @@ def predict(
     trained = load_trained(checkpoint)
     if single_view:
         trained.scoring = replace(trained.scoring, flip=False, shift=0)
-    if not 1 <= top_k <= len(trained.classes):
-        raise UsageError(f"--top-k must be between 1 and {len(trained.classes)}, got {top_k}")
+    n = len(trained.classes)
+    if not 1 <= top_k <= n:
+        raise UsageError(f"--top-k must be between 1 and {n} (the run's classes), got {top_k}")
     entries = expand_paths(specs)
     results: list[Prediction] = []
     readable: list[tuple[Prediction, torch.Tensor]] = []

@@ -176,7 +176,11 @@ def print_evaluation(outcome: Any, as_json: bool) -> None:
 
         print(json.dumps(outcome.as_dict(), indent=2))
         return
-    console.print(outcome.scoring.describe(), markup=False)
+    console.print(outcome.scoring.describe())
+    if getattr(outcome, "scored_folder", None) is not None:
+        console.print(
+            f"images: {outcome.scored_folder}, labelled by the run's class names", soft_wrap=True
+        )
     for split, result in outcome.results.items():
         console.print(f"{split}: loss {result.loss:.4f}  accuracy {result.accuracy:.4f} "
                       f"({result.count} images)")  # fmt: skip

@@ -117,3 +117,108 @@ def test_a_three_class_folder_evaluates_with_its_own_class_names(cli, tmp_path):
     assert [row[0] for row in rows] == ["cat", "dog", "fox"]
     shown_total = sum(int(cell) for row in rows for cell in row[1:] if cell != ".")
     assert shown_total == 12
+
+
+def write_images(folder, images, labels) -> None:
+    """The images as PNG files in `folder/<class name>/`."""
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / CLASSES[label] / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout", ["plain", "test", "train-only"])
+def test_another_folder_is_labelled_by_the_checkpoints_class_names(cli, run_dir, tmp_path, layout):
+    """The run's own test images of three classes, as a folder: the folder's sorted names
+    (cat, dog, ship) must not become labels 0, 1, 2, and the run's data.val_size=64 must
+    not ask this folder for a training split."""
+    from cifar_bp.checkpoint import config_of, load_checkpoint
+    from cifar_bp.config import resolve_config
+    from cifar_bp.data import load_dataset
+
+    payload = load_checkpoint(run_dir)
+    test = load_dataset(resolve_config(None, base=config_of(payload, run_dir)).data).test
+    keep = [i for i, y in enumerate(test.labels.tolist()) if y in (3, 5, 8)]
+    root = tmp_path / "photos"
+    sub = {"plain": root, "test": root / "test", "train-only": root / "train"}[layout]
+    write_images(sub, test.images[keep], test.labels[keep].tolist())
+    if layout == "test":  # enough training images for data.val_size=64: not scored
+        write_images(root / "train", test.images[keep * 2], test.labels[keep * 2].tolist())
+    result = cli("evaluate", "--checkpoint", run_dir, "--json", "--set", "data.source=folder",
+                 "--set", f"data.root={root}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["classes"] == CLASSES and report["scored_folder"] == str(sub)
+    own = json.loads(cli("evaluate", "--checkpoint", run_dir, "--json").stdout)
+    own_matrix = np.array(own["results"]["test"]["confusion_matrix"])
+    (split,) = report["results"]
+    matrix = np.array(report["results"][split]["confusion_matrix"])
+    # Every image scored under its true class: exactly the run's own rows for those classes.
+    assert np.array_equal(matrix[[3, 5, 8]], own_matrix[[3, 5, 8]])
+    assert matrix.sum() == len(keep) and matrix[[0, 1, 2, 4, 6, 7, 9]].sum() == 0
+    hits = sum(own_matrix[c, c] for c in (3, 5, 8))
+    assert report["results"][split]["accuracy"] == pytest.approx(hits / len(keep))
+    assert report["results"][split]["accuracy"] > 0
+    shown = cli(
+        "evaluate",
+        "--checkpoint",
+        run_dir,
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
+    assert f"images: {sub}, labelled by the run's class names" in shown.stdout  # fmt: skip
+
+
+def test_a_class_the_checkpoint_does_not_know_is_one_line(cli, run_dir, tmp_path):
+    for name in ("cat", "zebra"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "photos" / name / "a.png")
+    result = cli("evaluate", "--checkpoint", run_dir, "--set", "data.source=folder",
+                 "--set", f"data.root={tmp_path / 'photos'}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {tmp_path / 'photos'} has class folders the checkpoint does not know: zebra "
+        f"(its classes: {', '.join(CLASSES)})\n"
+    )
+
+
+def test_another_folder_honours_an_explicit_test_size(cli, run_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("cat", "ship"):
+        for i in range(6):
+            (tmp_path / "photos" / name).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / name / f"{i}.png")
+    sets = ["data.source=folder", f"data.root={tmp_path / 'photos'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    flags = [flag for item in sets for flag in ("--set", item)]
+    whole = json.loads(cli("evaluate", "--checkpoint", run_dir, "--json", *flags).stdout)
+    # The run's data.test_size=200 was about its own data; an explicit one still applies.
+    assert whole["results"]["test"]["count"] == 12
+    part = cli("evaluate", "--checkpoint", run_dir, "--json", *flags, "--set", "data.test_size=4")
+    matrix = np.array(json.loads(part.stdout)["results"]["test"]["confusion_matrix"])
+    assert matrix.sum() == 4 and matrix[3].sum() == matrix[8].sum() == 2  # interleaved classes
+
+
+def test_a_float16_gpu_run_is_scored_on_a_cpu(cli, run_dir, tmp_path):
+    """A run trained with float16 autocast on CUDA: the CPU has no float16 autocast, so it
+    is scored as `auto` picks there, with the same numbers as the float32 run it was."""
+    import torch
+
+    payload = torch.load(run_dir / "last.pt", weights_only=True)
+    train = payload["config"]["train"]
+    train.update(device="cuda", amp=True, amp_dtype="float16", grad_scaler=True)
+    torch.save(payload, tmp_path / "gpu.pt")
+    theirs = cli("evaluate", "--checkpoint", tmp_path / "gpu.pt", "--device", "cpu", "--json",
+                 "--set", "train.eval_flip=false")  # fmt: skip
+    assert theirs.exit_code == 0, theirs.stderr
+    ours = cli("evaluate", "--checkpoint", run_dir / "last.pt", "--json",
+               "--set", "train.eval_flip=false")  # fmt: skip
+    got, want = (json.loads(r.stdout)["results"]["test"] for r in (theirs, ours))
+    assert got["count"] == want["count"] == 200
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.02)

@@ -11,12 +11,14 @@ import onnxruntime
 import pytest
 import torch
 
+import cifar_bp.errors
 import cifar_bp.export
 from cifar_bp.checkpoint import load_checkpoint
 from cifar_bp.config import ModelConfig
+from cifar_bp.export import export_checkpoint
 from cifar_bp.model import build_model
 from tests.helpers import Cli
-from tests.test_predict import train_tiny_run
+from tests.test_predict import FEW, train_few_class_run, train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +124,48 @@ def test_dynamo_exporter_fallback(
     torch.testing.assert_close(
         run_onnx(target, pixels), reference_logits(run_dir, pixels), atol=1e-4, rtol=0
     )
+
+
+def test_a_three_class_run_exports_its_ten_outputs(cli: Cli, tmp_path: Path) -> None:
+    """The net has ten outputs whatever the run's classes: the check compares against them."""
+    run = train_few_class_run(tmp_path)
+    result = cli("export", "--checkpoint", run)
+    assert result.exit_code == 0, result.output
+    assert "  output 'logits' float32 N×10 (the first 3 are the run's classes: cat, dog, fox)" in (
+        result.stdout.splitlines()
+    )
+    path = run / "model.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["classes"]) == FEW
+    payload = load_checkpoint(run)
+    model = build_model(ModelConfig(channels_last=False)).eval()
+    model.load_state_dict(payload["model"])
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # smoke.yaml: no normalisation, no weight average
+        torch.testing.assert_close(run_onnx(path, pixels), model(pixels), atol=1e-4, rtol=0)
+    report = json.loads(cli("export", "--checkpoint", run, "--json").stdout)
+    assert (report["outputs"], report["classes"]) == (10, FEW)
+
+
+def test_output_to_a_folder_writes_model_onnx_inside(cli: Cli, run_dir: Path, tmp_path: Path):
+    # A trailing slash names a folder even before it exists.
+    typed = cli("export", "--checkpoint", run_dir, "-o", f"{tmp_path / 'new' / 'dir'}/")
+    assert typed.exit_code == 0, typed.output
+    written = tmp_path / "new" / "dir" / "model.onnx"
+    assert typed.stdout.splitlines()[-1] == str(written) and written.is_file()
+    assert [p.name for p in written.parent.iterdir()] == ["model.onnx"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    shown = cli("export", "--checkpoint", run_dir, "-o", existing)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[-1] == str(existing / "model.onnx")
+    assert (existing / "model.onnx").is_file()
+
+
+def test_a_failed_export_into_a_new_folder_leaves_no_folder(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cifar_bp.export, "TOLERANCE", -1.0)
+    with pytest.raises(cifar_bp.errors.CliError, match="disagree"):
+        export_checkpoint(run_dir, f"{tmp_path / 'new'}/")
+    assert list(tmp_path.iterdir()) == []

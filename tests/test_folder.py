@@ -327,3 +327,60 @@ def test_validation_split_rejects_sizes_that_leave_nothing():
         split_validation(numbered(10), 10, seed=0)
     with pytest.raises(UsageError, match="no test split"):
         split_validation(numbered(10), 0, seed=0)
+
+
+# Pictures beyond 8-bit RGB, empty and nested class folders -------------------------------
+
+
+def test_a_16_bit_png_decodes_as_its_8_bit_twin(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255: the picture came out nearly white."""
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    cat = tmp_path / "data" / "train" / "cat"
+    cat.mkdir(parents=True)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(cat / "deep.png")
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(cat / "flat.png")
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+    files = folder.list_split(tmp_path / "data" / "train").files
+    images = dict(zip(files, data.train.images.int(), strict=True))
+    assert Image.open(cat / "deep.png").mode.startswith("I")
+    assert images["cat/deep.png"].float().mean() == pytest.approx(127.5, abs=0.5)
+    assert (images["cat/deep.png"] - images["cat/flat.png"]).abs().max() <= 1
+
+
+def test_a_float_picture_decodes_by_its_range(tmp_path):
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32)
+    Image.fromarray(ramp, "F").save(tmp_path / "floats.tiff")
+    (decoded,) = folder.decode_images(tmp_path, ["floats.tiff"])
+    expected = np.rint(ramp * 255).astype(np.uint8)
+    assert all(np.array_equal(channel, expected) for channel in decoded)
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
+    """It would take a class index of its own and shift every later class's label."""
+    make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=2)
+    (tmp_path / "data" / "train" / "bird").mkdir()
+    (tmp_path / "data" / "train" / "bird" / "notes.txt").write_text("no pictures")
+    with pytest.raises(CliError) as err:
+        folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+    assert str(err.value).startswith(f"class folder {tmp_path / 'data' / 'train' / 'bird'} has")
+    assert "has no images" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_test_class_folder_changes_no_label(tmp_path):
+    make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=2)
+    make_split(tmp_path / "data" / "test", ["dog"], per_class=2, seed=40)
+    (tmp_path / "data" / "test" / "cat").mkdir()
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path))
+    assert data.test is not None and data.test.labels.tolist() == [1, 1]
+
+
+def test_images_in_nested_folders_belong_to_their_class(tmp_path):
+    expected = make_split(tmp_path / "data" / "train", ["cat", "dog"], per_class=2)
+    deeper = make_split(tmp_path / "data" / "train" / "dog" / "night", ["deep"], 2, seed=70)
+    expected |= {image: "dog" for image in deeper}
+    write_png(tmp_path / "data" / "train" / "cat" / ".hidden" / "x.png", pixels(5))
+    data = folder_dataset(cfg_for(tmp_path / "data", tmp_path, val_size=1))
+    assert data.classes == ("cat", "dog")
+    assert as_set(data.train, data.classes) == expected
+    files = folder.list_split(tmp_path / "data" / "train").files
+    assert "dog/night/deep/000.png" in files and len(files) == 6

@@ -30,6 +30,32 @@ def train_tiny_run(logdir: Path) -> Path:
     return logdir / "tiny"
 
 
+FEW = ["cat", "dog", "fox"]
+
+
+def train_few_class_run(tmp: Path) -> Path:
+    """A real folder run of three classes: the net still has ten outputs."""
+    rng = np.random.default_rng(5)
+    for split, count in (("train", 8), ("test", 2)):
+        for name in FEW:
+            (tmp / "data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp / "data" / split / name / f"{i}.png")
+    result = Cli()(
+        "train", "-c", SMOKE, "--epochs", "1", "--logdir", tmp, "--run-name", "few", "-q",
+        "--set", "data.source=folder", "--set", f"data.root={tmp / 'data'}",
+        "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "train.batch_size=8",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return tmp / "few"
+
+
+@pytest.fixture(scope="module")
+def few_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_few_class_run(tmp_path_factory.mktemp("few"))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_run(tmp_path_factory.mktemp("runs"))
@@ -168,7 +194,9 @@ def test_nothing_matched_and_bad_top_k(cli: Cli, run_dir: Path, tmp_path: Path) 
     for k in ("0", "11"):
         bad = cli("predict", image, "--checkpoint", run_dir, "--top-k", k)
         assert bad.exit_code == 2
-        assert bad.stderr == f"error: --top-k must be between 1 and 10, got {k}\n"
+        assert (
+            bad.stderr == f"error: --top-k must be between 1 and 10 (the run's classes), got {k}\n"
+        )
     # A missing file beside a good one: an entry of its own, exit 1.
     result, entries = predict_json(cli, run_dir, image, tmp_path / "gone.png")
     assert result.exit_code == 1
@@ -194,3 +222,38 @@ def test_a_16_bit_picture_reads_as_its_8_bit_twin(cli: Cli, run_dir: Path, tmp_p
     for twin in (0, 3):
         assert all(probs[twin][c] == pytest.approx(probs[1][c], abs=1e-3) for c in probs[1])
     assert any(abs(probs[0][c] - probs[2][c]) > 1e-3 for c in probs[2])  # not the white one
+
+
+def test_a_three_class_run_shares_probability_among_its_classes(
+    cli: Cli, few_run: Path, tmp_path: Path
+) -> None:
+    """Its other seven outputs were never trained: they get no class name and no share."""
+    image = save(tmp_path / "shot.png", (32, 32), "RGB", seed=4)
+    result, (entry,) = predict_json(cli, few_run, image, "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    ours = {t["class"]: t["prob"] for t in entry["top"]}
+    assert sorted(ours) == FEW
+    payload = load_checkpoint(few_run)
+    model = build_model(ModelConfig(channels_last=False)).eval()
+    model.load_state_dict(payload["model"])
+    x = torch.from_numpy(np.array(Image.open(image))).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():  # smoke.yaml: no normalisation, no weight average, one view
+        expected = torch.softmax(model(x)[0, :3], dim=0)
+    got = torch.tensor([ours[name] for name in FEW])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    too_many = cli("predict", image, "--checkpoint", few_run, "--top-k", "4")
+    assert too_many.exit_code == 2
+    assert too_many.stderr == "error: --top-k must be between 1 and 3 (the run's classes), got 4\n"
+
+
+def test_tiff_files_in_a_folder_are_classified(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
+    """A .tif named on its own always worked; a folder scan skipped it."""
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    paths = [save(shots / name, (32, 32), "RGB", seed=i)
+             for i, name in enumerate(["a.png", "b.tif", "c.TIFF"])]  # fmt: skip
+    result, entries = predict_json(cli, run_dir, shots, "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert [e["path"] for e in entries] == [str(p) for p in paths]
+    direct = predict_json(cli, run_dir, paths[1], "--top-k", "1")[1]
+    assert direct[0]["top"] == entries[1]["top"]

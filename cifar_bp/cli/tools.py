@@ -108,9 +108,15 @@ def predict(
 @app.command()
 def export(
     checkpoint: CheckpointOpt,
+    # Text, not a Path: a Path would drop the trailing slash that says "a folder".
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Where to write [default: model.onnx in the run]."),
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File, or folder (an existing one, or one ending in /) to write model.onnx "
+            "in [default: model.onnx in the run].",
+        ),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
