@@ -9,6 +9,7 @@ A file may start from another one with `extends: other.yaml` and change only a f
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,7 +52,8 @@ def _path(value: str) -> str:
     # Caught here, a too-long folder name is one line; found by os.stat, a traceback.
     if any(len(part.encode()) > NAME_MAX for part in value.split("/")):
         raise ValueError(f"has a path component longer than {NAME_MAX} bytes")
-    return value
+    # The shell leaves `~` alone in `--set data.root=~/photos` (and in YAML): expand it here.
+    return os.path.expanduser(value)
 
 
 Path_ = Annotated[str, Field(min_length=1), AfterValidator(_path)]

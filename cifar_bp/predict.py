@@ -11,6 +11,7 @@ run's test images gets the accuracy `evaluate` reports.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def expand_paths(specs: list[str]) -> list[Prediction | Path]:
     file named twice (say by a folder and a glob) is classified once.
     """
     found: list[Prediction | Path] = []
-    for spec in specs:
+    for given in specs:
+        spec = os.path.expanduser(given)  # a quoted "~/pics/*.jpg" reaches us unexpanded
         path = Path(spec)
         if path.is_file():
             found.append(path)

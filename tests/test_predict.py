@@ -143,6 +143,10 @@ def test_folders_and_globs_expand_sorted(cli: Cli, run_dir: Path, tmp_path: Path
     assert result.exit_code == 0, result.output
     assert [e["path"] for e in entries] == [str(p) for p in (a, b, y, z)]
     assert all(len(e["top"]) == 1 for e in entries)
+    # A quoted "~/..." reaches the program unexpanded by the shell: it expands it.
+    home = {"HOME": str(tmp_path)}
+    result = cli("predict", "--checkpoint", run_dir, "--json", "~/more/*.png", env=home)
+    assert [e["path"] for e in json.loads(result.stdout)] == [str(y), str(z)]
 
 
 def test_human_output(cli: Cli, run_dir: Path, tmp_path: Path) -> None:
