@@ -174,6 +174,7 @@ class Hardware:
     precision: Precision
     compiled: bool
     compile_why: str
+    amp_dtype: str  # what train.amp true would autocast to here, even where amp is off
 
     def lines(self) -> list[str]:
         """One line each, with the reason: what `config show` prints at its top."""
@@ -185,7 +186,7 @@ class Hardware:
         p = self.precision
         train = cfg.train.model_copy(
             update={"device": str(self.device), "amp": p.dtype is not None,
-                    "amp_dtype": p.name if p.dtype is not None else cfg.train.amp_dtype,
+                    "amp_dtype": self.amp_dtype,
                     "grad_scaler": p.scaler, "compile": self.compiled}
         )  # fmt: skip
         return cfg.model_copy(update={"train": train})
@@ -195,7 +196,18 @@ def choose_hardware(cfg: Config, world: World) -> Hardware:
     """Resolve device, precision and compile once; float16 on a CPU is refused here."""
     device = pick_device(cfg, world)
     precision = resolve_precision(cfg.train, device)
-    return Hardware(device, precision, *resolve_compile(cfg.train, device))
+    return Hardware(device, precision, *resolve_compile(cfg.train, device),
+                    amp_dtype=autocast_dtype(cfg.train, device, precision))  # fmt: skip
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device, precision: Precision) -> str:
+    """train.amp_dtype resolved: the dtype in use, or the one `train.amp: true` would pick
+    here, so that `config show` prints no `auto` even for a float32 run."""
+    if precision.dtype is not None:
+        return precision.name
+    if cfg.amp_dtype != "auto":
+        return cfg.amp_dtype
+    return resolve_precision(cfg.model_copy(update={"amp": True}), device).name
 
 
 def resolve_auto(cfg: Config, world: World | None = None) -> tuple[Config, list[str]]:

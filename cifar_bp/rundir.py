@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -83,15 +84,19 @@ def plan_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def create_run_dir(run_dir: Path, cfg: Config, run_id: str) -> None:
+def create_run_dir(run_dir: Path, cfg: Config, run_id: str, chosen: Sequence[str] = ()) -> None:
     """The new run's folder with its config.yaml and run.json, whole or not at all: a
-    folder left half-written (a full disk) would refuse the rerun as "already exists"."""
+    folder left half-written (a full disk) would refuse the rerun as "already exists".
+
+    config.yaml keeps `auto` as given, so a resume on another machine chooses again; what
+    `auto` became on this one (`chosen`, e.g. the precision line) heads it as comments."""
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except OSError as err:
         raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
     try:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        head = [f"# chosen on this machine: {line}" for line in chosen]
+        (run_dir / "config.yaml").write_text("".join(f"{h}\n" for h in head) + cfg.to_yaml())
         write_identity(run_dir, run_id)
     except OSError as err:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -147,7 +147,7 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     pos, run_id = Position(), new_run_id()
     if start.payload is not None:
         pos, run_id = resume_state(start, m, meters, len(loader) * cfg.train.epochs, cfg, world)
-    run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes)
+    run_dir, lock = claim_run_dir(cfg, start, run_id, world, force, notes, hardware.lines())
     data.notes = notes
     try:
         # A resume keeps the events up to its checkpoint's step; a start, even in the folder
@@ -205,15 +205,22 @@ def resume_state(
 
 
 def claim_run_dir(
-    cfg: Config, start: Start, run_id: str, world: World, force: bool, notes: list[str]
+    cfg: Config,
+    start: Start,
+    run_id: str,
+    world: World,
+    force: bool,
+    notes: list[str],
+    chosen: list[str],
 ) -> tuple[Path, contextlib.AbstractContextManager]:
-    """The run's folder, created for a new run, and its lock, already held by the main rank
-    (before anything in the folder is touched) until the training releases it."""
+    """The run's folder, created for a new run (`chosen`: what `auto` became, noted in its
+    config.yaml), and its lock, held by the main rank before anything in the folder is
+    touched, until the training releases it."""
     if not world.is_main:
         return start.run_dir or Path(cfg.log.logdir), contextlib.nullcontext()
     if start.run_dir is None:
         run_dir = plan_run_dir(cfg)
-        create_run_dir(run_dir, cfg, run_id)
+        create_run_dir(run_dir, cfg, run_id, chosen)
         lock = RunLock(run_dir)
         lock.acquire()
         return run_dir, lock

@@ -161,3 +161,11 @@ def test_config_show_prints_resolved_values_and_why(cli):
     assert comments == ["device: cpu", expected.describe(), "compile: False (CPU, auto)"]
     _, given = resolved_show(cli, "--set", "train.device=auto", "--as-given")
     assert given["train"]["device"] == "auto" and given["train"]["compile"] == "auto"
+
+
+@pytest.mark.parametrize("amp", ["false", "auto", "true"])
+def test_config_show_resolves_amp_dtype_even_for_float32(cli, amp):
+    """No `auto` is left: with autocast off, amp_dtype is what `train.amp: true` would use."""
+    _, tree = resolved_show(cli, "--set", f"train.amp={amp}", "--set", "train.amp_dtype=auto")
+    assert tree["train"]["amp_dtype"] == "bfloat16"  # the CPU's only autocast dtype
+    assert "auto" not in yaml.safe_dump(tree)

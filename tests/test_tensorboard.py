@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -142,6 +143,18 @@ def test_config_text_is_config_show_with_the_reasons_on_top(run):
     assert lines[0] == "# device: cpu" and lines[1].startswith("# precision: ")
     assert "  amp: auto" not in lines and "  compile: auto" not in lines
     assert f"  amp: {str(hardware.precision.dtype is not None).lower()}" in lines
+
+
+def test_the_run_folders_config_keeps_auto_under_what_it_became(run):
+    """A resume on another machine chooses again, so `auto` stays; the comments on top
+    say what it became here."""
+    run_dir, _ = run
+    text = (run_dir / "config.yaml").read_text()
+    hardware = choose_hardware(resolve_config(SMOKE, {}, []), World())
+    assert text.splitlines()[:3] == [f"# chosen on this machine: {x}" for x in hardware.lines()]
+    assert yaml.safe_load(text)["train"]["amp"] == "auto"
+    cfg = resolve_config(run_dir / "config.yaml")  # the comments change nothing it says
+    assert (cfg.data.train_size, cfg.train.epochs, cfg.log.every_n_steps) == (256, 2, 2)
 
 
 def test_hparams_hold_the_defining_keys_as_numbers_or_text(run):
