@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the throughput work, as one command, from the source tree, with any
 # Python that has torch (no install, no .venv, no network needed):
-#     PYTHON=python3 bash benchmarks/gpu_check.sh          # about 4 minutes on one H200
-#     PYTHON=python3 bash benchmarks/gpu_check.sh --images 25000 --repeats 2   # the README's
+#     PYTHON=python3 bash benchmarks/gpu_check.sh   # about 4 minutes on one H200 (25,000
+#                                                   # images, 2 timed epochs per variant)
 # One table: the benchmark's variants ((a) the tutorial loop, (b) the engine in fp32 at batch
 # 64, (c) the fastest settings and (c) at batches 2048 and 8192, (d) the default `cifar-bp
 # train` path with amp and compile on auto, (b) compiled at 64 and 512 beside (b) at 512,
@@ -10,8 +10,9 @@
 # the same run; then the real trainer on the default config (auto) at batch 64, 512 and 4096
 # (evaluation batches at least as large), 50,000 synthetic images, each epoch timed with its
 # evaluation. The targets are printed next to the figures.
-# Exits non-zero on any error, on a missing package (all are listed before anything runs),
-# or on a host sync inside train_step (CUDA sync debug mode; fp16's GradScaler excepted).
+# Each part is printed as it ends. Exits non-zero on any error, on a missing package (all
+# are listed before anything runs), or on a host sync inside a training step, the loader's
+# batch included (CUDA sync debug mode; fp16's GradScaler excepted).
 # Packages the GPU machine's Python lacks can be put in a folder on PYTHONPATH, e.g.
 #     pip install --target .gpu-deps --python-version 3.12 --only-binary=:all: pydantic \
 #         pyyaml rich tensorboard          # then carry .gpu-deps along; DEPS=.gpu-deps
@@ -29,7 +30,7 @@ if [[ -d $DEPS ]]; then PYTHONPATH="$DEPS:$PYTHONPATH"; fi
 import importlib.util, sys
 needed = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "PIL": "pillow",
           "pydantic": "pydantic", "annotated_types": "annotated-types", "yaml": "pyyaml",
-          "rich": "rich", "tensorboard": "tensorboard"}
+          "rich": "rich", "tensorboard": "tensorboard", "matplotlib": "matplotlib"}
 missing = [pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None]
 if missing:
     sys.exit(f"missing packages for {sys.executable}: {' '.join(missing)} (nothing was run)")

@@ -248,7 +248,11 @@ class DeviceLoader:
         n, b = len(self.labels), self.batch_size
         if self.train:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=gen).to(self.device)
+            order = torch.randperm(n, generator=gen)  # drawn on the host: the same on any device
+            if self.device.type == "cuda":  # from pinned memory the copy makes the host not wait
+                order = order.pin_memory().to(self.device, non_blocking=True)
+            else:
+                order = order.to(self.device)
         else:
             order = torch.arange(n, device=self.device)
         for step in range(start_step, len(self)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar_bp.benchmark import print_benchmark
-from cifar_bp.benchmark.check import epoch_parts, sync_verdict, train_epochs
+from cifar_bp.benchmark.check import epoch_parts, sync_verdict, train_epochs, watched_trainer
 from cifar_bp.benchmark.check import parse as check_args
 from cifar_bp.benchmark.loops import EngineLoop
 from cifar_bp.benchmark.variants import Variant, catalogue, choose, step_cost
@@ -22,7 +22,7 @@ from cifar_bp.data import synthetic_split
 from cifar_bp.errors import UsageError
 from cifar_bp.hardware import resolve_precision
 from cifar_bp.model import ReferenceNet
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SMOKE
 
 
 @pytest.mark.slow
@@ -47,6 +47,9 @@ def test_bench_reports_rates_flops_and_peak_share(cli, capsys):
             gflops = v[f"{prefix}images_per_s"] * mflop / 1e3
             assert v[f"{prefix}gflops"] == pytest.approx(gflops)
             assert v[f"{prefix}peak_share"] == pytest.approx(gflops / peak)
+            # bf16 work against the bf16 peak where one was measured: the harder measure.
+            own = report["peak"].get(v["precision"], report["peak"]["float32"])["best_gflops"]
+            assert v[f"{prefix}dtype_peak_share"] == pytest.approx(gflops / own)
         assert len(v["runs_images_per_s"]) == 1 and v["peak_rss_mb"] > 0
         assert v["host_syncs"] is None and v["peak_cuda_mb"] is None
     assert variants["b@32"]["batch_size"] == 32 and variants["b@32"]["steps_per_epoch"] == 4
@@ -58,7 +61,15 @@ def test_bench_reports_rates_flops_and_peak_share(cli, capsys):
     print_benchmark(report, as_json=False)
     text = capsys.readouterr().out
     assert "d default train" in text and "% peak" in text and "1st epoch img/s" in text
+    assert "% dtype peak" in text and "1st GFLOP/s" in text
+    first = f"{variants['d']['first_gflops']:,.1f}"
+    assert first in table_row(text, "d default train"), text
     assert f"float32 {peak:,.1f} GFLOP/s" in text and "69.2 MFLOP per image" in text
+
+
+def table_row(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.lstrip("│ ").startswith(start))
+    return [cell.strip() for cell in line.split("│")]
 
 
 def test_step_cost_counts_each_layers_multiply_adds():
@@ -172,7 +183,7 @@ def test_gpu_check_lists_every_missing_package_before_running(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "missing packages" in result.stderr and "nothing was run" in result.stderr
-    for package in ("torch", "pydantic", "pyyaml", "rich", "tensorboard"):
+    for package in ("torch", "pydantic", "pyyaml", "rich", "tensorboard", "matplotlib"):
         assert package in result.stderr
     assert "Training throughput" not in result.stdout
 
@@ -206,3 +217,29 @@ def test_gpu_check_times_train_epochs_with_their_evaluation():
     parts = epoch_parts(t)
     assert parts.startswith(f"steps {t['steps_s']:.3f} s + evaluation {t['eval_s']:.3f} s")
     assert parts.endswith(f"= {t['epoch_with_eval_s']:.3f} s")
+
+
+def test_gpu_check_watches_the_real_trainers_steps_and_training_batches(monkeypatch, tmp_path):
+    """Sync debug mode needs a GPU: a fake watch that reports one sync per watched stretch
+    shows what is watched, the training batches and the steps, and nothing else."""
+    from cifar_bp import trainer
+    from cifar_bp.benchmark import loops
+    from cifar_bp.report import QuietReporter
+
+    @contextmanager
+    def one_sync_each():
+        caught: list[str] = []
+        yield caught
+        caught.append("x:1")
+
+    monkeypatch.setattr(loops, "sync_watch", one_sync_each)
+    flags = {"epochs": 1, "batch_size": 64, "logdir": str(tmp_path)}
+    cfg = resolve_config(SMOKE, flags, ["data.train_size=128", "data.test_size=64"])
+    found: list[str] = []
+    step = trainer.train_step
+    with watched_trainer(torch.device("cuda"), found):
+        trainer.train(cfg, QuietReporter())
+    # 2 steps, 3 calls for a training batch (the last one ends the epoch) and the batch of
+    # TensorBoard's input grid; evaluation batches, log points and checkpoints are not watched.
+    assert found == ["x:1"] * (2 + 3 + 1)
+    assert trainer.train_step is step  # put back

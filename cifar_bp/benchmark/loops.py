@@ -70,13 +70,19 @@ class EngineLoop:
         return seen / (time.perf_counter() - started)
 
     def host_syncs(self) -> tuple[int, int, str | None]:
-        """Syncs CUDA reports inside train_step over a few untimed steps: (syncs, steps,
-        where the first one came from). The loader's own work is left out of the watch."""
+        """Syncs CUDA reports over a few untimed steps, each watched from the loader making
+        its batch (crops and flips on the device) to the end of train_step: (syncs, steps,
+        where the first one came from)."""
         count, steps, where = 0, 0, None
         batches = self.loader.epoch(self.epochs, first_global_step=self.epochs * len(self.loader))
-        for images, labels in batches:
+        batches = iter(batches)
+        while True:
             with sync_watch() as caught:
-                train_step(self.m, images, labels, self.meters)
+                batch = next(batches, None)
+                if batch is not None:
+                    train_step(self.m, *batch, self.meters)
+            if batch is None:
+                break
             count, steps = count + len(caught), steps + 1
             if caught and where is None:
                 where = caught[0]

@@ -21,7 +21,7 @@ def print_benchmark(report: dict[str, Any], as_json: bool) -> None:
         out.print(line, soft_wrap=True)
 
 
-WIDE = 140  # characters per line when printing to a file or pipe
+WIDE = 170  # characters per line when printing to a file or pipe
 
 
 TITLE = "Training throughput: median of the timed epochs, and the first epoch; one process each"
@@ -30,8 +30,8 @@ TITLE = "Training throughput: median of the timed epochs, and the first epoch; o
 def columns(report: dict[str, Any]) -> list[str]:
     cuda = report["device"].startswith("cuda")
     syncs = any(v["host_syncs"] is not None for v in report["variants"].values())
-    out = ["variant", "settings", "batch", "img/s", "range", "× (a)", "GFLOP/s", "% peak"]
-    out += ["1st epoch img/s", "1st % peak", "RSS MB"]
+    out = ["variant", "settings", "batch", "img/s", "range", "× (a)", "GFLOP/s", "% peak",
+           "% dtype peak", "1st epoch img/s", "1st GFLOP/s", "1st % peak", "RSS MB"]  # fmt: skip
     return out + ["CUDA MB"] * cuda + ["host syncs"] * syncs
 
 
@@ -47,8 +47,9 @@ def row(key: str, v: dict[str, Any], cuda: bool, syncs: bool) -> list[str]:
         f"{key} {v['label']}", v["settings"], str(v["batch_size"]), f"{v['images_per_s']:,.0f}",
         f"{min(runs):,.0f}-{max(runs):,.0f}",
         f"{v['ratio']:.2f}×" if v["ratio"] is not None else "-",
-        f"{v['gflops']:,.1f}", f"{v['peak_share']:.0%}",
-        f"{v['first_images_per_s']:,.0f}", f"{v['first_peak_share']:.0%}",
+        f"{v['gflops']:,.1f}", f"{v['peak_share']:.0%}", f"{v['dtype_peak_share']:.0%}",
+        f"{v['first_images_per_s']:,.0f}", f"{v['first_gflops']:,.1f}",
+        f"{v['first_peak_share']:.0%}",
         f"{v['peak_rss_mb']:,.0f}",
     ]  # fmt: skip
     if cuda:
@@ -70,7 +71,9 @@ def notes(r: dict[str, Any]) -> list[str]:
     load = {t: " ".join(f"{x:.2f}" for x in r["load_average"][t]) for t in ("before", "after")}
     lines = [
         f"Peak: {peak['side']}² matmul, {peak['threads']} threads, best of its samples taken in "
-        f"turns with the variants: {best}. '% peak' is of the float32 peak.",
+        f"turns with the variants: {best}. '% peak' is of the float32 peak; '% dtype peak' "
+        "of the peak of the type the variant multiplies in (bfloat16 for bf16 autocast, where "
+        "measured), the harder measure for a bf16 variant.",
         f"Step cost: {cost['total']:.1f} MFLOP per image (forward {cost['forward']:.1f}, weight "
         f"gradients {cost['weight_grads']:.1f}, input gradients {cost['input_grads']:.1f}), "
         "counted as 2 × the conv and linear layers' multiply-adds; an optimizer's own work "

@@ -64,7 +64,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     peak = results.pop(PEAK)
     cost = step_cost(ReferenceNet())
     for result in results.values():
-        add_rates(result, results.get("a"), cost.total, peak["float32"]["best_gflops"])
+        add_rates(result, results.get("a"), cost.total, peak)
     return {
         **env,
         "images": images,
@@ -79,12 +79,18 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     }
 
 
-def add_rates(result: dict[str, Any], a: dict | None, flop: float, peak: float) -> None:
-    """GFLOP/s and share of the peak, for the first epoch and the steady state."""
+def add_rates(result: dict[str, Any], a: dict | None, flop: float, peak: dict[str, Any]) -> None:
+    """GFLOP/s and share of the peak, for the first epoch and the steady state: of the
+    float32 peak, and of the peak of the type the variant multiplies in (bfloat16 autocast
+    against the bfloat16 peak, where this machine has one to measure)."""
+    fp32 = peak["float32"]["best_gflops"]
+    own = peak.get(result.get("precision", "float32"))
+    own_peak = own["best_gflops"] if isinstance(own, dict) else fp32
     for prefix in ("", "first_"):
         gflops = result[f"{prefix}images_per_s"] * flop / 1e9
         result[f"{prefix}gflops"] = gflops
-        result[f"{prefix}peak_share"] = gflops / peak
+        result[f"{prefix}peak_share"] = gflops / fp32
+        result[f"{prefix}dtype_peak_share"] = gflops / own_peak
     result["ratio"] = result["images_per_s"] / a["images_per_s"] if a else None
 
 
