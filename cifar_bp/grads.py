@@ -9,8 +9,10 @@ plain data (`as_dict` is the `--json` output), which `grads_view` renders and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,14 @@ from cifar_bp.data import Dataset, DeviceLoader, load_dataset, synthetic_split
 from cifar_bp.errors import CliError, UsageError
 from cifar_bp.gradcheck import GradCheck, check_gradients
 from cifar_bp.hardware import resolve_device
-from cifar_bp.losses import LOSS_NAMES, build_loss, elements_averaged
+from cifar_bp.losses import LOSS_NAMES, build_loss, elements_averaged, unused_settings
 from cifar_bp.model import build_model
 
 CHECKSUM_PARAM = "model1.conv1.weight"
 FALLBACK_IMAGES = 256  # synthetic images generated when the configured data is absent
+# One batch goes through forward and backward at once, its activations all kept (about
+# 0.25 MB an image): 8,192 images is 2 GB, and far past any batch one would train with.
+MAX_BATCH = 8192
 LOGIT_IMAGES = 3  # images whose ∂L/∂logits is kept: enough to see the pattern, fits 80 columns
 # What the tutorial's `nn.CrossEntropyLoss()` does: the header names every departure from it.
 # Taken from torch itself, not from our config schema, whose defaults are not the tutorial's.
@@ -145,6 +150,11 @@ def inspect_grads(
     param: str | None = None,
     check: bool = False,
 ) -> Inspection:
+    if cfg.train.batch_size > MAX_BATCH:
+        raise UsageError(
+            f"--batch-size {cfg.train.batch_size}: inspect-grads takes at most {MAX_BATCH:,} "
+            "images (the whole batch goes through backward at once)"
+        )
     device = resolve_device(cfg.train.device)
     model, model_source = make_model(cfg, device, payload, checkpoint)
     names = [name for name, _ in model.named_parameters()]
@@ -197,18 +207,23 @@ def first_batch(
         raise  # a mistake in the config is reported, not papered over
     except CliError as err:
         reason = str(err).split(" (")[0]
+        size = max(FALLBACK_IMAGES, cfg.train.batch_size)  # at most MAX_BATCH
         notes = [
-            f"{reason}: using {FALLBACK_IMAGES} synthetic images instead (inspect-grads never "
+            f"{reason}: using {size} synthetic images instead (inspect-grads never "
             "downloads; point data.root at the data, or use --config configs/smoke.yaml)"
         ]
         source = f"synthetic (fallback from {data_cfg.source})"
-        size = max(FALLBACK_IMAGES, cfg.train.batch_size)
         data = Dataset(synthetic_split(size, cfg.train.seed), None)
     loader = DeviceLoader(
         data.train, data_cfg, cfg.train.batch_size, device, train=True, seed=cfg.train.seed,
         channels_last=cfg.model.channels_last,
     )  # fmt: skip
     images, labels = next(iter(loader.epoch(0)))
+    if len(labels) < cfg.train.batch_size:  # else the header's "batch of N" is unexplained
+        notes.append(
+            f"batch of {len(labels)}: the training set has only {len(data.train)} images "
+            f"(asked for {cfg.train.batch_size})"
+        )
     return images, labels, source, notes
 
 
@@ -259,7 +274,11 @@ def loss_settings(cfg: LossConfig) -> list[str]:
     """
     if cfg.name != "ce":
         compared = "softmax(logits)" if cfg.input == "probs" else "the raw logits"
-        return [f"input {cfg.input}: {compared} against one-hot targets"]
+        out = [f"input {cfg.input}: {compared} against one-hot targets"]
+        unused = unused_settings(cfg)  # e.g. default.yaml's smoothing, which CE alone uses
+        if unused is not None:
+            out.append(unused.removeprefix(f"loss: {cfg.name} "))
+        return out
     out = []
     if cfg.label_smoothing != PLAIN_CE.label_smoothing:
         out.append(f"label_smoothing {cfg.label_smoothing:g} (plain CrossEntropyLoss: 0)")
@@ -320,13 +339,36 @@ def preview(grad: torch.Tensor) -> tuple[str, list[list[float]]]:
     return f"[:{len(values)}]: the first values", rows
 
 
-def write_tensorboard(inspection: Inspection, logdir: Path) -> Path:
-    """One sub-run per loss, so TensorBoard overlays them: the table's numbers as scalars
-    and every gradient's values as a histogram, all at step 0."""
+@contextlib.contextmanager
+def tensorboard_dir(logdir: Path | None) -> Iterator[Path | None]:
+    """The --logdir folder for this inspection, created before the inspection runs: a
+    folder that cannot be created is one line up front, not a traceback after all the
+    tables. Removed again if the inspection fails while it is still empty."""
+    if logdir is None:
+        yield None
+        return
     from cifar_bp.compare import plan_parent
+    from cifar_bp.rundir import check_logdir
+
+    check_logdir(logdir)
+    parent = plan_parent(logdir, "inspect", None)
+    try:
+        parent.mkdir(parents=True)
+    except OSError as err:
+        raise CliError(f"cannot create {parent} (--logdir): {err.strerror or err}") from None
+    try:
+        yield parent
+    except BaseException:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only if empty: what was written stays
+        raise
+
+
+def write_tensorboard(inspection: Inspection, parent: Path) -> None:
+    """One sub-run per loss under `parent` (from `tensorboard_dir`), so TensorBoard overlays
+    them: the table's numbers as scalars and every gradient's values as a histogram."""
     from cifar_bp.tracking import Tracker
 
-    parent = plan_parent(logdir, "inspect", None)
     for p in inspection.passes:
         tracker = Tracker(parent / f"{p.loss}-{p.reduction}")
         scalars = {f"grad_norm/{s.name}": s.norm for s in p.after}
@@ -339,4 +381,3 @@ def write_tensorboard(inspection: Inspection, logdir: Path) -> Path:
         for name, grad in p.grads.items():
             tracker.writer.add_histogram(f"grad/{name}", grad.float().cpu(), 0)
         tracker.close()
-    return parent

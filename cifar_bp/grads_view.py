@@ -1,20 +1,23 @@
-"""`inspect-grads` on a terminal: the inspection's tables, each readable at 80 columns.
+"""`inspect-grads` on a terminal: the inspection's tables, readable at any width.
 
 Full parameter names (model1.linear1.weight is 21 characters) and numbers to four
 significant digits leave room for about five columns in 80, so the per-parameter
-statistics come as two narrow tables instead of one wide one that rich would cut to "…".
+statistics come as two narrow tables instead of one wide one that rich would cut to "…";
+on a narrower terminal `Fitted` deals a table's columns out over several tables.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from cifar_bp.cifar10 import CLASSES
 from cifar_bp.gradcheck import GradCheck
 from cifar_bp.grads import CHECKSUM_PARAM, FactorCheck, Inspection, ParamBefore, Pass
-from cifar_bp.report import console, table
+from cifar_bp.report import console, fmt, table
 
 NONE_BACKWARD = (
     "backward: a tensor of losses needs the vector to multiply by; loss.backward(gradient="
@@ -34,20 +37,68 @@ def _say(text: str) -> None:
     console.print(text, markup=False, soft_wrap=True, highlight=False)
 
 
-def _names_whole(out: Table) -> Table:
-    out.columns[0].no_wrap = True  # other columns give way first; names are what you search
-    return out
+class Fitted:
+    """A table that splits itself, when the console it prints on is too narrow, into as
+    many tables as it takes: the first `keys` columns (the parameter's name) repeat in
+    each, the others are dealt out left to right, so that rich never cuts a name, header
+    or number to "…" to make it fit.
+
+    No column wraps: rich shrinks the widest wrappable column first, below its longest
+    word, so only unwrapped columns have a width known here: the longest cell or header,
+    plus two of padding and one of border; the table has one more border.
+    """
+
+    def __init__(
+        self, title: str, columns: list[str], rows: list[tuple[Any, ...]], keys: int = 1
+    ) -> None:
+        self.title, self.columns, self.keys = title, columns, keys
+        self.cells = [[fmt(cell) for cell in row] for row in rows]
+        self.show_header = True
+
+    def groups(self, width: int) -> list[list[int]]:
+        """The columns after the keys, dealt into groups that fit `width` beside the keys."""
+        need = [max(cell_len(text) for text in [header, *(row[i] for row in self.cells)]) + 3
+                for i, header in enumerate(self.columns)]  # fmt: skip
+        groups: list[list[int]] = [[]]
+        room, used = width - 1 - sum(need[: self.keys]), 0
+        for i in range(self.keys, len(self.columns)):
+            if groups[-1] and used + need[i] > room:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += need[i]
+        return groups
+
+    def parts(self, width: int) -> list[Table]:
+        groups = self.groups(width)
+        out = []
+        for n, group in enumerate(groups, 1):
+            pick = [*range(self.keys), *group]
+            # a part's title wraps to the part's width: later parts get a short one
+            title = self.title if n == 1 else f"part {n} of {len(groups)}, continued"
+            if n == 1 and len(groups) > 1:
+                title += f" (part 1 of {len(groups)})"
+            part = table(title, [self.columns[i] for i in pick],
+                         [[row[i] for i in pick] for row in self.cells])  # fmt: skip
+            part.show_header = self.show_header
+            for column in part.columns:
+                column.no_wrap = True
+            out.append(part)
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.parts(options.max_width)
 
 
-def before_table(rows: list[ParamBefore]) -> Table:
-    return _names_whole(table(
+def before_table(rows: list[ParamBefore]) -> Fitted:
+    return Fitted(
         "Before backward: forward done, no .grad yet",
         ["parameter", "shape", "requires_grad", ".grad"],
         [(r.name, _shape(r.shape), r.requires_grad, r.grad) for r in rows],
-    ))  # fmt: skip
+    )
 
 
-def after_tables(p: Pass) -> list[Table]:
+def after_tables(p: Pass) -> list[Fitted]:
     """Size (‖g‖, relative to the weights, zeros) first, then the distribution of values."""
     title = f"After {p.backward_call}: {p.loss}, reduction {p.reduction}"
     size: list[tuple[Any, ...]] = [
@@ -57,13 +108,13 @@ def after_tables(p: Pass) -> list[Table]:
     size.append(("total", "", _g(p.total_norm), "", ""))
     spread = [(s.name, _g(s.mean), _g(s.std), _g(s.max_abs)) for s in p.after]
     return [
-        _names_whole(table(title, ["parameter", "grad shape", "‖g‖", "‖g‖/‖w‖", "zeros"], size)),
-        _names_whole(table("…and the values inside each gradient",
-                           ["parameter", "mean", "std", "max |g|"], spread)),
+        Fitted(title, ["parameter", "grad shape", "‖g‖", "‖g‖/‖w‖", "zeros"], size),
+        Fitted("The values inside each gradient", ["parameter", "mean", "std", "max |g|"],
+               spread),
     ]  # fmt: skip
 
 
-def side_by_side_table(passes: list[Pass]) -> Table:
+def side_by_side_table(passes: list[Pass]) -> Fitted:
     """Per-parameter gradient norms of each loss, on the same batch and initial weights."""
     columns = ["parameter", "shape", *(f"‖g‖ {p.loss}" for p in passes)]
     rows: list[tuple[Any, ...]] = [
@@ -72,7 +123,7 @@ def side_by_side_table(passes: list[Pass]) -> Table:
     ]
     rows.append(("total", "", *(_g(p.total_norm) for p in passes)))
     title = f"Gradient norms per loss (reduction {passes[0].reduction})"
-    return _names_whole(table(title, columns, rows))
+    return Fitted(title, columns, rows)
 
 
 def same_start_line(passes: list[Pass]) -> str:
@@ -83,7 +134,7 @@ def same_start_line(passes: list[Pass]) -> str:
             f"pass is {', '.join(sorted(sums))}, {verdict}.")  # fmt: skip
 
 
-def logit_table(p: Pass, labels: list[int]) -> Table:
+def logit_table(p: Pass, labels: list[int]) -> Fitted:
     """∂L/∂logits, one column per image: the signal backward starts from."""
     shown = labels[: len(p.logit_grads)]
     columns = ["class", *(f"#{i} {CLASSES[c]}" for i, c in enumerate(shown))]
@@ -93,7 +144,7 @@ def logit_table(p: Pass, labels: list[int]) -> Table:
         cells = [f"{g[k]:+.3g}" + ("*" if c == k else " ") for g, c in marked]
         rows.append((name, *cells))
     title = f"∂L/∂logits of the first {len(shown)} images ({p.loss}, reduction {p.reduction})"
-    return table(title, columns, rows)
+    return Fitted(title, columns, rows)
 
 
 def logit_hint(p: Pass, factor: FactorCheck | None) -> str:
@@ -114,19 +165,19 @@ def logit_hint(p: Pass, factor: FactorCheck | None) -> str:
     return f"Each column: {hint}; divided by {by} (reduction mean)."
 
 
-def factor_table(factors: list[FactorCheck]) -> Table:
+def factor_table(factors: list[FactorCheck]) -> Fitted:
     rows = [
         (f.loss, f"{f.divisor} = {f.expected:g}", f"{f.measured:.6g}", f"{f.max_rel_error:.1e}")
         for f in factors
     ]
-    return table(
+    return Fitted(
         "sum vs mean: the gradients differ by what mean divides by",
-        ["loss", "mean divides by", "‖g_sum‖/‖g_mean‖", "max rel. error"],
+        ["loss", "mean divides by", "‖g_sum‖/‖g_mean‖", "max rel. err"],
         rows,
     )
 
 
-def check_table(check: GradCheck) -> Table:
+def check_table(check: GradCheck) -> Fitted:
     rows = [
         (c.name, c.samples, f"{c.autograd:.6g}", f"{c.finite_difference:.6g}",
          f"{c.max_rel_error:.1e}")
@@ -135,7 +186,7 @@ def check_table(check: GradCheck) -> Table:
     title = (f"Backprop checked: autograd vs central differences (float64, eps {check.eps:g}), "
              f"{check.loss}, reduction {check.reduction}, first {check.images} images")  # fmt: skip
     columns = ["parameter", "weights", "autograd", "finite diff.", "max rel. err"]
-    return _names_whole(table(title, columns, rows))
+    return Fitted(title, columns, rows)
 
 
 def check_verdict(check: GradCheck) -> str:
@@ -146,10 +197,10 @@ def check_verdict(check: GradCheck) -> str:
     return f"{worst} ≥ {check.tolerance:g}: autograd and finite differences DISAGREE."
 
 
-def preview_table(name: str, label: str, values: list[list[float]], loss: str) -> Table:
-    out = Table(title=f"{name}.grad{label} ({loss})", title_justify="left", show_header=False)
-    for row in values:
-        out.add_row(*(f"{v:+.3e}" for v in row))
+def preview_table(name: str, label: str, values: list[list[float]], loss: str) -> Fitted:
+    rows = [tuple(f"{v:+.3e}" for v in row) for row in values]
+    out = Fitted(f"{name}.grad{label} ({loss})", [""] * max(map(len, rows)), rows, keys=0)
+    out.show_header = False  # the title says which slice the values are
     return out
 
 

@@ -9,6 +9,7 @@ All sums are in float64, so the printed digits are the maths and not float32 rou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,12 +50,26 @@ def parse_numbers(text: str, flag: str) -> list[float]:
     return numbers
 
 
-def parse_label(text: str, num_logits: int) -> int:
-    if not text.strip().isdigit() or int(text) >= num_logits:
-        raise UsageError(
-            f"--label {text!r}: expected a class index from 0 to {num_logits - 1} (one per logit)"
-        )
+def parse_label(text: str) -> int:
+    """`--label 1` → 1; whether the class exists is `check_label`'s to say."""
+    if not text.strip().isdigit():
+        raise UsageError(f"--label {text!r}: expected a class index, a whole number from 0")
     return int(text)
+
+
+def check_label(label: int, num_logits: int, given: bool = True) -> None:
+    """One class per logit: a label past the last logit is a one-line UsageError, also when
+    it is the tutorial's default (class 1 does not exist for a single logit)."""
+    if 0 <= label < num_logits:
+        return
+    classes = "0" if num_logits == 1 else f"from 0 to {num_logits - 1}"
+    if given:
+        raise UsageError(f"--label {label}: expected a class index {classes} (one per logit)")
+    count = f"{num_logits} logit" + "s" * (num_logits != 1)
+    raise UsageError(
+        f"--logits has {count}, so the tutorial's class {TUTORIAL_LABEL} does not exist: "
+        f"give --label {classes}"
+    )
 
 
 # --- Gradients: autograd beside the closed form ----------------------------------------------
@@ -144,11 +159,13 @@ def worked_examples(
     y = targets if targets is not None else list(TUTORIAL_TARGET)
     z = logits if logits is not None else list(TUTORIAL_LOGITS)
     c = label if label is not None else TUTORIAL_LABEL
-    return {
+    check_label(c, len(z), given=label is not None)
+    examples = {
         "l1": regression_example("l1", x, y),
         "mse": regression_example("mse", x, y),
         "ce": ce_example(z, c),
     }
+    return _floats(examples, _no_negative_zero)
 
 
 def sweep(errors: tuple[float, ...] = SWEEP_ERRORS) -> list[dict[str, Any]]:
@@ -168,22 +185,38 @@ def sweep(errors: tuple[float, ...] = SWEEP_ERRORS) -> list[dict[str, Any]]:
     return rows
 
 
+def _no_negative_zero(value: float) -> float:
+    return value + 0.0  # -0.0 + 0.0 is 0.0: a loss of "-0.0000" reads as a sign error
+
+
+def _floats(value: Any, fn: Callable[[float], Any]) -> Any:
+    """`fn` applied to every float inside dicts, lists and tuples."""
+    if isinstance(value, float):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _floats(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_floats(v, fn) for v in value]
+    return value
+
+
+def _strict_float(value: float) -> float | str:
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return _no_negative_zero(value)
+
+
 def strict(value: Any) -> Any:
     """JSON-safe: inf/-inf/nan become the strings "inf"/"-inf"/"nan" (JSON has no such
-    numbers; Python's `Infinity` tokens break strict parsers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    return value
+    numbers; Python's `Infinity` tokens break strict parsers), and -0.0 becomes 0.0."""
+    return _floats(value, _strict_float)
 
 
 # --- Printing ----------------------------------------------------------------------------------
 
 
 def _num(value: float, digits: int = 4) -> str:
+    value = _no_negative_zero(value)
     if not math.isfinite(value):
         return str(value)
     if value != 0 and (abs(value) < 10**-digits or abs(value) >= 1e6):
@@ -196,7 +229,19 @@ def _nums(values: list[float], digits: int = 4) -> str:
 
 
 def _given(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+    return "[" + ", ".join(f"{_no_negative_zero(v):g}" for v in values) + "]"
+
+
+def _operands(a: float, b: float, diff: float) -> tuple[str, str]:
+    """a and b for "a − b = diff", with enough decimals that the subtraction reads right:
+    "10.0000 − 10.0000 = 4.540e-05" would not (10.00004540 − 10.00000000 does)."""
+    plain = _num(a), _num(b)
+    if diff == 0 or not math.isfinite(diff) or (plain[0] != plain[1] and abs(diff) >= 1e-4):
+        return plain
+    if max(abs(a), abs(b)) >= 1e15:  # fixed notation would print dozens of digits
+        return f"{a:.16e}", f"{b:.16e}"  # 17 significant digits tell any two doubles apart
+    decimals = min(17, max(4, 3 - math.floor(math.log10(abs(diff)))))  # diff's 3 digits
+    return f"{a:.{decimals}f}", f"{b:.{decimals}f}"
 
 
 def _say(text: str = "", style: str | None = None) -> None:
@@ -253,13 +298,14 @@ def print_ce(ex: dict[str, Any]) -> None:
     _say(f"CrossEntropyLoss  logits {_given(z)}  target class {c}", "bold")
     _say(f"  1. exp(logits)          = {_nums(ex['exp'])}   sum {_num(ex['exp_sum'])}")
     _say(f"  2. softmax = exp / sum  = {_nums(ex['softmax'])}")
-    loss = _num(ex["minus_log_p"])
-    if ex["p_label"] > 0:
-        _say(f"  3. loss = −log(softmax[{c}]) = −log({_num(ex['p_label'])}) = {loss}")
+    loss, p = _num(ex["minus_log_p"]), ex["p_label"]
+    if p > 0:
+        _say(f"  3. loss = −log(softmax[{c}]) = −log({_operands(1.0, p, 1.0 - p)[1]}) = {loss}")
     else:
         _say(f"  3. loss = −log(softmax[{c}]): softmax[{c}] underflows to 0, and −log(0) = inf")
+    lse, z_c = _operands(ex["logsumexp"], z[c], ex["minus_log_p"])
     _say(f"     torch computes it as log-softmax: logsumexp(logits) − logits[{c}] = "
-         f"{_num(ex['logsumexp'])} − {_num(z[c])} = {loss}")  # fmt: skip
+         f"{lse} − {z_c} = {loss}")  # fmt: skip
     rows = [
         ("none", _nums(ex["none"]), "one loss per sample (here one sample)"),
         ("mean", _num(ex["mean"]), "averaged over the samples"),

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cifar_bp.config import ModelConfig
 from cifar_bp.grads import checksum
 from cifar_bp.model import build_model
-from tests.helpers import SMOKE, only_run, scalars
+from tests.helpers import ROOT, SMOKE, only_run, scalars
 
 TINY = ["--config", SMOKE, "--set", "data.train_size=64", "--set", "data.test_size=16"]
 PARAMS = [f"model1.{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "linear1", "linear2")
@@ -252,3 +256,106 @@ def test_mistakes_are_one_line(cli, args, expected):
     result = cli("inspect-grads", *TINY, *args)
     assert result.exit_code in (1, 2)
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc")
+def test_logdir_that_cannot_be_created_fails_before_the_inspection(cli, tmp_path):
+    """/proc takes no new folders (even from root, whom os.access lets through)."""
+    for json_flag in ([], ["--json"]):
+        result = cli("inspect-grads", *TINY, "--batch-size", "4", "--logdir", "/proc/x", *json_flag)
+        assert result.exit_code in (1, 2) and result.stdout == ""  # nothing inspected
+        assert result.stderr.startswith("error: ") and "/proc/x" in result.stderr
+        assert "cannot" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # a folder created up front is removed again when the inspection then fails
+    failed = cli("inspect-grads", *TINY, "--logdir", tmp_path / "tb", "--param", "nope")
+    assert failed.exit_code == 2 and list((tmp_path / "tb").iterdir()) == []
+
+
+def test_batch_larger_than_the_data_is_said_and_a_huge_one_refused(cli, tmp_path):
+    out = inspect_json(cli, "--batch-size", "5000")
+    assert out["batch_size"] == 64 and out["notes"] == [
+        "batch of 64: the training set has only 64 images (asked for 5000)"
+    ]
+    shown = cli("inspect-grads", *TINY, "--batch-size", "5000").stdout
+    assert "note: batch of 64: the training set has only 64 images (asked for 5000)" in shown
+    fallback = ["--set", f"data.root={tmp_path}", "--set", "data.source=cifar10"]
+    for args in (TINY, fallback):  # synthetic fallback: refused before generating anything
+        huge = cli("inspect-grads", *args, "--batch-size", "100000000")
+        assert huge.exit_code == 2 and huge.stderr.strip() == (
+            "error: --batch-size 100000000: inspect-grads takes at most 8,192 images "
+            "(the whole batch goes through backward at once)"
+        )
+
+
+def test_mse_and_l1_say_they_ignore_cross_entropy_settings(cli):
+    default = ["--config", ROOT / "configs" / "default.yaml", "--set", "data.source=synthetic",
+               "--set", "data.train_size=64", "--set", "data.test_size=16"]  # fmt: skip
+    out = cli("inspect-grads", *default, "--batch-size", "4", "--loss", "all").stdout
+    header = out[: out.index("Before backward")]
+    lines = [line for line in header.splitlines() if line.startswith("loss:")]
+    assert "label_smoothing 0.1 (plain CrossEntropyLoss: 0)" in lines[0]
+    for line in lines[1:]:
+        assert line.endswith("; ignores label_smoothing 0.1 (cross-entropy settings)"), line
+    as_json = json.loads(cli("inspect-grads", *default, "--batch-size", "4", "--loss", "mse",
+                             "--json").stdout)  # fmt: skip
+    assert as_json["passes"][0]["settings"][-1] == (
+        "ignores label_smoothing 0.1 (cross-entropy settings)"
+    )
+
+
+def at_60_columns(*args: str) -> str:
+    """A subprocess: rich reads COLUMNS once, when the console is created."""
+    command = [sys.executable, "-m", "cifar_bp", "inspect-grads", *map(str, TINY), *args]
+    done = subprocess.run(command, env={**os.environ, "COLUMNS": "60"}, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, headers",
+    [(["--param", "model1.linear1.weight"],  # before, after, values, logits, sum vs mean
+      ["requires_grad", "‖g‖/‖w‖", "zeros", "max |g|", "‖g_sum‖/‖g_mean‖", "max rel. err"]),
+     (["--loss", "all"], ["‖g‖ ce", "‖g‖ mse", "‖g‖ l1"])],  # the norms side by side
+)  # fmt: skip
+def test_nothing_is_cut_at_60_columns(cli, args, headers):
+    out = at_60_columns("--batch-size", "4", *args)
+    assert "…" not in out, [line for line in out.splitlines() if "…" in line]
+    boxes = [line for line in out.splitlines() if line[:1] in "│┃┏┡└┌"]
+    assert max(len(line.rstrip()) for line in boxes) <= 60
+    assert [h for h in headers if f" {h} ┃" not in out] == []  # each whole, on one line
+    found = inspect_json(cli, "--batch-size", "4", *args)
+    numbers = [f"{f['measured']:.6g}" for f in found["factors"]]
+    for p in found["passes"]:
+        numbers += [f"{s['norm']:.4g}" for s in p["after"]] + [f"{p['total_norm']:.4g}"]
+        numbers += [f"{s['mean']:.4g}" for s in p["after"]] * (len(found["passes"]) == 1)
+    for rows in found["values"].values():
+        numbers += [f"{v:+.3e}" for row in rows for v in row]
+    assert [n for n in numbers if n not in cells_of(boxes)] == []
+    for name in PARAMS:
+        assert sum(f"│ {name} " in line for line in boxes) >= 2, name
+
+
+def cells_of(lines: list[str]) -> set[str]:
+    return {cell.strip() for line in lines for cell in line.split("│")}
+
+
+def test_check_table_is_split_not_cut_when_narrow():
+    """--check's table at 60 columns (its finite differences are too slow for a subprocess)."""
+    from rich.console import Console
+
+    from cifar_bp.gradcheck import GradCheck, ParamCheck
+    from cifar_bp.grads_view import check_table
+
+    params = [ParamCheck(name, 3, 1.3e-7, [0], -7.21065e-06 * (i + 1), -7.21066e-06 * (i + 1))
+              for i, name in enumerate(PARAMS)]  # fmt: skip
+    shown = check_table(GradCheck("mse", "mean", 4, 1e-6, 1e-3, params))
+    narrow = Console(width=60, record=True, markup=False)
+    narrow.print(shown)  # the console it prints on decides the split
+    lines = narrow.export_text().splitlines()
+    assert len(shown.parts(60)) == 2 and max(len(line.rstrip()) for line in lines) <= 60
+    assert "…" not in "\n".join(lines)
+    cells = cells_of(lines)
+    assert {"-7.21065e-06", "-7.21066e-05", "1.3e-07"} <= cells and set(PARAMS) <= cells
+    assert all(f" {h} ┃" in "\n".join(lines) for h in ("autograd", "finite diff.", "max rel. err"))
+    assert len(shown.parts(120)) == 1  # room enough: one table, as before

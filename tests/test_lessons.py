@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cifar_bp import lessons
+from cifar_bp.errors import UsageError
 
 SHAPES = [(3,), (4, 5), (2, 3, 4), (1,)]
 CE_SHAPES = [(1, 3), (5, 10), (8, 4)]
@@ -79,3 +82,32 @@ def test_a_wrong_closed_form_is_caught(monkeypatch):
 def test_strict_maps_non_finite_numbers_to_strings():
     data = {"a": [float("inf"), -float("inf"), float("nan"), 1.5], "b": (2.0,), "c": "x"}
     assert lessons.strict(data) == {"a": ["inf", "-inf", "nan", 1.5], "b": [2.0], "c": "x"}
+
+
+def test_strict_and_the_examples_never_hold_a_negative_zero():
+    """-0.0 (e.g. −log_softmax of a certain class) would print and parse as "-0.0"."""
+    assert math.copysign(1.0, lessons.strict({"a": [-0.0]})["a"][0]) == 1.0
+    ce = lessons.worked_examples(logits=[40.0, 0.0], label=0)["ce"]
+    zeros = [ce["minus_log_p"], ce["mean"], ce["sum"], *ce["none"]]
+    assert zeros == [0.0] * 4 and all(math.copysign(1.0, v) == 1.0 for v in zeros)
+
+
+@pytest.mark.parametrize(
+    "a, b, diff, expected",
+    [
+        (1.3019, 0.2, 1.1019, ("1.3019", "0.2000")),  # the tutorial's: unchanged
+        (40.0, 40.0, 0.0, ("40.0000", "40.0000")),  # equal, and the result is 0: reads right
+        (10.0000453989, 10.0, 4.53989e-05, ("10.00004540", "10.00000000")),
+        (1e6 + 0.6931, 1e6, 0.6931, ("1000000.6931", "1000000.0000")),  # not 1.000e+06 twice
+    ],
+)
+def test_subtraction_operands_show_the_difference(a, b, diff, expected):
+    assert lessons._operands(a, b, diff) == expected
+
+
+def test_default_label_is_checked_against_the_logits():
+    with pytest.raises(UsageError, match="the tutorial's class 1 does not exist: give --label 0"):
+        lessons.worked_examples(logits=[5.0])
+    with pytest.raises(UsageError, match="--label 2: expected a class index from 0 to 1"):
+        lessons.worked_examples(logits=[5.0, 1.0], label=2)
+    assert lessons.worked_examples(logits=[5.0], label=0)["ce"]["mean"] == 0.0

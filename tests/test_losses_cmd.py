@@ -148,3 +148,37 @@ def test_elements_averaged_counts_what_mean_divides_by():
     weights = [1.0] * 5 + [2.5] + [1.0] * 4
     assert elements_averaged(LossConfig(name="ce", weight=weights), labels) == 5.5
     assert elements_averaged(LossConfig(name="ce", ignore_index=0), labels) == 2
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_one_logit_without_label_is_one_line_not_a_traceback(cli, json_flag):
+    """The tutorial's default class 1 does not exist for a single logit."""
+    result = cli("losses", "--logits", "5", *json_flag)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "error: --logits has 1 logit, so the tutorial's class 1 does not exist: give --label 0"
+    )
+    one = cli("losses", "--logits", "5", "--label", "1")
+    assert one.exit_code == 2 and "--label 1: expected a class index 0" in one.stderr
+    ex = json.loads(cli("losses", "--logits", "5", "--label", "0", "--json").stdout)["ce"]
+    assert ex["softmax"] == [1.0] and ex["mean"] == 0.0
+
+
+def test_a_certain_class_costs_zero_not_minus_zero(cli):
+    out = cli("losses", "--logits", "40,0", "--label", "0").stdout
+    assert "-0.0000" not in out
+    assert "−log(1.0000) = 0.0000" in out and "40.0000 − 40.0000 = 0.0000" in out
+    assert "│ none      │ [0.0000] │" in out
+    text = cli("losses", "--logits", "40,0", "--label", "0", "--json").stdout
+    assert "-0.0" not in text
+    ex = json.loads(text)["ce"]
+    for value in (ex["minus_log_p"], ex["mean"], ex["sum"], *ex["none"]):
+        assert value == 0.0 and math.copysign(1.0, value) == 1.0
+
+
+def test_a_tiny_loss_prints_operands_that_subtract_to_it(cli):
+    """10.0000 − 10.0000 = 4.540e-05 reads as a wrong subtraction: show the digits."""
+    out = cli("losses", "--logits", "10,0", "--label", "0").stdout
+    assert "= 10.00004540 − 10.00000000 = 4.540e-05" in out
+    assert "−log(0.99995460) = 4.540e-05" in out
+    assert "= 1.3019 − 0.2000 = 1.1019" in cli("losses").stdout  # ordinary numbers: 4 decimals

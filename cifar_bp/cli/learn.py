@@ -81,23 +81,22 @@ def inspect_grads(
     """
     from cifar_bp import grads, grads_view
 
-    if logdir is not None:  # a bad --logdir is found before the work, not after it
-        from cifar_bp.rundir import check_logdir
-
-        check_logdir(logdir)
     flags = flags_of(reduction=reduction, batch_size=batch_size, seed=seed, device=device)
     cfg, payload = grads.inspect_config(config, flags, set_ or [], checkpoint)
     losses = grads.loss_names(loss) if loss is not None else [cfg.loss.name]
-    result = grads.inspect_grads(cfg, losses, payload, checkpoint, param, check)
-    if json_out:
-        for note in result.notes:
-            typer.echo(f"note: {note}", err=True)
-        echo_json(result.as_dict())
-    else:
-        grads_view.print_inspection(result)
-    if logdir is not None:
-        where = grads.write_tensorboard(result, logdir)
-        typer.echo(f"TensorBoard: tensorboard --logdir {shlex.quote(str(where))}", err=json_out)
+    # a --logdir that cannot be created is found before the work, not after it
+    with grads.tensorboard_dir(logdir) as where:
+        result = grads.inspect_grads(cfg, losses, payload, checkpoint, param, check)
+        if json_out:
+            for note in result.notes:
+                typer.echo(f"note: {note}", err=True)
+            echo_json(result.as_dict())
+        else:
+            grads_view.print_inspection(result)
+        if where is not None:
+            grads.write_tensorboard(result, where)
+            command = f"tensorboard --logdir {shlex.quote(str(where))}"
+            typer.echo(f"TensorBoard: {command}", err=json_out)
     failed = [c for c in result.checks or [] if not c.agrees]
     if failed:
         raise CliError(
@@ -157,14 +156,12 @@ def losses(
         return
     if (inputs is None) != (targets is None):
         raise UsageError("--input and --target go together: give both, or neither")
-    z = lessons.parse_numbers(logits, "--logits") if logits is not None else None
+    # worked_examples checks the label against the logits, the tutorial's default included
     examples = lessons.worked_examples(
         lessons.parse_numbers(inputs, "--input") if inputs is not None else None,
         lessons.parse_numbers(targets, "--target") if targets is not None else None,
-        z,
-        lessons.parse_label(label, len(z or lessons.TUTORIAL_LOGITS))
-        if label is not None
-        else None,
+        lessons.parse_numbers(logits, "--logits") if logits is not None else None,
+        lessons.parse_label(label) if label is not None else None,
     )
     if json_out:
         echo_json(examples)
