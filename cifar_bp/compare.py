@@ -22,7 +22,7 @@ from cifar_bp.engine import check_trainable
 from cifar_bp.errors import Diverged, UsageError
 from cifar_bp.hardware import resolve_device, resolve_precision
 from cifar_bp.losses import LOSS_NAMES
-from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, table
+from cifar_bp.report import PlainReporter, QuietReporter, RichReporter, column_groups, table
 from cifar_bp.rundir import plan_run_dir
 from cifar_bp.trainer import RunResult
 
@@ -199,15 +199,7 @@ def comparison_tables(outcomes: list[ComparedRun], width: int) -> list[Table]:
         words = cells if i == 0 else [w for cell in cells for w in cell.split()]  # 0: no_wrap
         return max(map(len, words), default=1) + 3
 
-    widths = [need(i) for i in range(len(labels))]
-    groups: list[list[int]] = [[]]
-    room, used = width - widths[0] - 1, 0
-    for i in range(1, len(labels)):
-        if groups[-1] and used + widths[i] > room:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += widths[i]
+    groups = column_groups([need(i) for i in range(len(labels))], 1, width)
     optim = outcomes[0].cfg.optim
     title = f"Comparison (optimizer {optim.name}, lr {optim.lr:g})"
     out = []

@@ -17,7 +17,7 @@ from rich.table import Table
 from cifar_bp.cifar10 import CLASSES
 from cifar_bp.gradcheck import GradCheck
 from cifar_bp.grads import CHECKSUM_PARAM, FactorCheck, Inspection, ParamBefore, Pass
-from cifar_bp.report import console, fmt, table
+from cifar_bp.report import column_groups, console, fmt, table
 
 NONE_BACKWARD = (
     "backward: a tensor of losses needs the vector to multiply by; loss.backward(gradient="
@@ -59,15 +59,7 @@ class Fitted:
         """The columns after the keys, dealt into groups that fit `width` beside the keys."""
         need = [max(cell_len(text) for text in [header, *(row[i] for row in self.cells)]) + 3
                 for i, header in enumerate(self.columns)]  # fmt: skip
-        groups: list[list[int]] = [[]]
-        room, used = width - 1 - sum(need[: self.keys]), 0
-        for i in range(self.keys, len(self.columns)):
-            if groups[-1] and used + need[i] > room:
-                groups.append([])
-                used = 0
-            groups[-1].append(i)
-            used += need[i]
-        return groups
+        return column_groups(need, self.keys, width)
 
     def parts(self, width: int) -> list[Table]:
         groups = self.groups(width)

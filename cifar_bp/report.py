@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -139,6 +139,21 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> 
     for row in rows:
         out.add_row(*(fmt(cell) for cell in row))
     return out
+
+
+def column_groups(needs: Sequence[int], keys: int, width: int) -> list[list[int]]:
+    """The columns after the first `keys`, dealt left to right into groups that each fit in
+    `width` beside the key columns, which every group repeats. `needs`: each column's width
+    with its padding and border; the table's own last border is the 1 taken off."""
+    groups: list[list[int]] = [[]]
+    room, used = width - 1 - sum(needs[:keys]), 0
+    for i in range(keys, len(needs)):
+        if groups[-1] and used + needs[i] > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += needs[i]
+    return groups
 
 
 def fmt(value: Any) -> str:

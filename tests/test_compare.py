@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from cifar_bp.tracking import HPARAMS_FILE
 from tests.helpers import SMOKE, Cli, scalars
 
 FAST = ["--config", SMOKE, "--epochs", "1", "--set", "data.train_size=128",
@@ -40,7 +41,9 @@ def test_one_readable_event_file_per_combination(comparison):
     expected = {"train/loss", "train/accuracy", "test/loss", "test/accuracy", "grad_norm/total",
                 "grad_norm/model1.conv1.weight", "grad_norm/model1.linear2.bias"}  # fmt: skip
     for run in parent.iterdir():
-        assert len(list(run.glob("events.out.tfevents.*"))) == 1, run
+        # One file of series (DDP ranks or a rerun would add more), one of HParams.
+        files = {p.name for p in run.glob("events.out.tfevents.*")}
+        assert len(files - {HPARAMS_FILE}) == 1 and HPARAMS_FILE in files, files
         series = scalars(run)
         assert expected <= set(series), run.name
         assert all(math.isfinite(v) for tag in expected for _, v in series[tag])
