@@ -379,5 +379,5 @@ def write_tensorboard(inspection: Inspection, parent: Path) -> None:
         tracker.scalars(scalars, 0)
         assert tracker.writer is not None
         for name, grad in p.grads.items():
-            tracker.writer.add_histogram(f"grad/{name}", grad.float().cpu(), 0)
+            tracker.writer.add_histogram(f"grads/{name}", grad.float().cpu(), 0)
         tracker.close()

@@ -240,7 +240,7 @@ def test_logdir_writes_readable_tensorboard(cli, tmp_path):
         assert all(math.isfinite(v) and v > 0 for v in (series["grad_norm/total"][0][1],))
         acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
         acc.Reload()
-        assert {f"grad/{n}" for n in PARAMS} <= set(acc.Tags()["histograms"])
+        assert {f"grads/{n}" for n in PARAMS} <= set(acc.Tags()["histograms"])
 
 
 @pytest.mark.parametrize(
