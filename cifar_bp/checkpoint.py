@@ -13,6 +13,7 @@ import io
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,38 @@ def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     if isinstance(train, dict) and "eval_shift" not in train:
         cfg = {**cfg, "train": {**train, "eval_shift": 0}}
     return cfg
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rest of the program reads from a checkpoint, by name: the payload's keys,
+    and the defaults of checkpoints written before a key existed, stay in this module."""
+
+    epoch: int  # epochs completed
+    global_step: int
+    run_id: str | None
+    classes: tuple[str, ...]  # empty in checkpoints older than the folder source
+    data_identity: str | None
+    averaged: bool  # a weight average was kept (and is what gets scored)
+    best_metric: float
+    elapsed: float  # seconds of training so far
+    world_size: int  # processes it trained with
+    schedule_steps: int | None  # the lr schedule's length in steps
+
+
+def facts_of(payload: dict[str, Any]) -> Facts:
+    return Facts(
+        epoch=payload["epoch"], global_step=payload["global_step"],
+        run_id=payload.get("run_id"), classes=tuple(payload.get("classes") or ()),
+        data_identity=payload.get("data_identity"), averaged=bool(payload.get("average")),
+        best_metric=payload.get("best_metric", -math.inf), elapsed=payload.get("elapsed", 0.0),
+        world_size=payload.get("world_size", 1), schedule_steps=payload.get("schedule_steps"),
+    )  # fmt: skip
+
+
+def trained_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The live weights as trained (not the average): what the gradients flowed through."""
+    return payload["model"]
 
 
 def weights_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:

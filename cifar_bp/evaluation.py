@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
+from cifar_bp.checkpoint import (
+    config_of,
+    facts_of,
+    load_checkpoint,
+    load_model_state,
+    weights_of,
+)
 from cifar_bp.cifar10 import CLASSES
 from cifar_bp.config import Config, DataConfig, read_yaml, resolve_config
 from cifar_bp.engine import EvalResult, Scoring, evaluate
@@ -121,7 +127,7 @@ def evaluate_checkpoint(
         results[name] = evaluate(
             model, loss_fn, loader.epoch(0), precision, t.eval_flip, t.eval_shift
         )
-    scoring = Scoring(bool(payload.get("average")), t.eval_flip, t.eval_shift)
+    scoring = Scoring(facts_of(payload).averaged, t.eval_flip, t.eval_shift)
     return Evaluation(path, list(classes), results, scoring, scored)
 
 
@@ -135,7 +141,7 @@ def splits_to_score(
     if is_other_folder(cfg.data, config_of(payload, path).get("data", {})):
         from cifar_bp.folder import load_to_score
 
-        classes = tuple(payload.get("classes") or CLASSES)
+        classes = facts_of(payload).classes or CLASSES
         (images, labels), folder = load_to_score(cfg.data, classes)
         size = min(len(labels), cfg.data.test_size or len(labels))
         split = Split(torch.from_numpy(images[:size]), torch.from_numpy(labels[:size]))

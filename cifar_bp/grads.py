@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state
+from cifar_bp.checkpoint import (
+    config_of,
+    facts_of,
+    load_checkpoint,
+    load_model_state,
+    trained_weights,
+)
 from cifar_bp.config import Config, LossConfig, ModelConfig, resolve_config
 from cifar_bp.data import Dataset, DeviceLoader, load_dataset, synthetic_split
 from cifar_bp.errors import CliError, UsageError
@@ -187,8 +193,9 @@ def make_model(
     # The weights decide the architecture: take the model section from the checkpoint.
     model_cfg = ModelConfig.model_validate(config_of(payload, path).get("model", {}))
     model = build_model(model_cfg, device)
-    load_model_state(model, payload["model"], path)
-    where = f"epoch {payload['epoch']}, step {payload['global_step']}"
+    load_model_state(model, trained_weights(payload), path)
+    facts = facts_of(payload)
+    where = f"epoch {facts.epoch}, step {facts.global_step}"
     return model, f"checkpoint {path / 'last.pt' if path.is_dir() else path} ({where})"
 
 

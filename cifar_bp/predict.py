@@ -44,7 +44,13 @@ def load_trained(path: Path) -> Trained:
 
     The one place that knows the checkpoint's layout (predict and export both use it).
     """
-    from cifar_bp.checkpoint import config_of, load_checkpoint, load_model_state, weights_of
+    from cifar_bp.checkpoint import (
+        config_of,
+        facts_of,
+        load_checkpoint,
+        load_model_state,
+        weights_of,
+    )
     from cifar_bp.cifar10 import CLASSES, MEAN, STD
     from cifar_bp.config import ModelConfig
     from cifar_bp.model import build_model
@@ -60,9 +66,10 @@ def load_trained(path: Path) -> Trained:
         mean, std = tuple(data.get("mean", MEAN)), tuple(data.get("std", STD))
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    classes = list(payload.get("classes") or CLASSES)
+    facts = facts_of(payload)
+    classes = list(facts.classes or CLASSES)
     train = cfg.get("train", {})
-    scoring = Scoring(bool(payload.get("average")), bool(train.get("eval_flip", False)),
+    scoring = Scoring(facts.averaged, bool(train.get("eval_flip", False)),
                       int(train.get("eval_shift", 0)))  # fmt: skip
     return Trained(model.eval(), mean, std, classes, scoring)
 

@@ -89,7 +89,10 @@ def check_resume_data(
 ) -> list[str]:
     """The same classes in the same order, and the same images, as when the run was saved:
     a renamed class folder would silently swap labels."""
-    saved = tuple(payload.get("classes") or ())
+    from cifar_bp.checkpoint import facts_of
+
+    facts = facts_of(payload)
+    saved = facts.classes
     problems = []
     if saved and saved != classes:
         gone = [c for c in saved if c not in classes]
@@ -98,7 +101,7 @@ def check_resume_data(
         if not gone and not new:
             what = "the same names in another order"
         problems.append(f"the classes changed ({what})")
-    elif payload.get("data_identity") not in (None, identity):
+    elif facts.data_identity not in (None, identity):
         problems.append("the images changed (added, removed or edited files)")
     if problems and not force:
         raise UsageError(
@@ -116,7 +119,7 @@ def prepare_resume(
     A run folder left without a checkpoint (stopped before its first save) starts again
     from scratch in the same folder, with the config it was created with.
     """
-    from cifar_bp.checkpoint import config_of, load_checkpoint
+    from cifar_bp.checkpoint import config_of, facts_of, load_checkpoint
 
     cfg = resolve_config(config_path, flags, sets)
     if spec is None:
@@ -129,9 +132,9 @@ def prepare_resume(
     old = config_of(payload, path)
     cfg = resolve_config(config_path, flags, sets, base=None if config_path else old)
     changes = check_resume_config(old, cfg, force)
-    where = f"epoch {payload['epoch'] + 1}, step {payload['global_step']}"
-    notes = [f"resuming {path} at {where}"]
-    if payload["epoch"] >= cfg.train.epochs:
+    facts = facts_of(payload)
+    notes = [f"resuming {path} at epoch {facts.epoch + 1}, step {facts.global_step}"]
+    if facts.epoch >= cfg.train.epochs:
         notes.append(
             f"that run already completed {cfg.train.epochs} epoch(s): pass --epochs N to go on"
         )

@@ -5,7 +5,6 @@ weight average, data, run folder and tracker (the device and precision come from
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,8 +160,8 @@ def build_run(cfg: Config, start: Start, force: bool = False) -> Run:
     run = Run(cfg, hardware, world, data, identity, m, loader, tracker, run_dir, run_id, pos,
               meters, lock, resumed=start.payload is not None)  # fmt: skip
     if start.payload is not None:
-        run.best = start.payload.get("best_metric", -math.inf)
-        run.elapsed = start.payload.get("elapsed", 0.0)
+        facts = ckpt.facts_of(start.payload)
+        run.best, run.elapsed = facts.best_metric, facts.elapsed
     return run
 
 
@@ -171,10 +170,11 @@ def resume_state(
 ) -> tuple[Position, str]:
     """Restore the checkpoint into the freshly built machinery; a damaged one is one line."""
     payload = start.payload
-    assert payload is not None
-    same_optim = payload["config"].get("optim") == cfg.optim.model_dump(mode="json")
-    saved = payload["config"].get("train", {})
-    saved_steps = payload.get("schedule_steps")
+    assert payload is not None and start.checkpoint is not None
+    old, facts = ckpt.config_of(payload, start.checkpoint), ckpt.facts_of(payload)
+    same_optim = old.get("optim") == cfg.optim.model_dump(mode="json")
+    saved = old.get("train", {})
+    saved_steps = facts.schedule_steps
     # The saved schedule state fits only the same optimizer, the same length, and the same
     # steps per epoch (a forced batch change can keep the length but not the position).
     same_schedule = (
@@ -190,7 +190,7 @@ def resume_state(
             f"{first_line(err, 200)}); resume from another checkpoint or start a new run"
         ) from None
     saved_batch = saved.get("batch_size", cfg.train.batch_size)
-    saved_world = payload.get("world_size", 1)
+    saved_world = facts.world_size
     if (saved_batch, saved_world) != (cfg.train.batch_size, world.size) and pos.step_in_epoch:
         # Mid-epoch positions count batches: re-count the images seen in today's batches.
         images = pos.step_in_epoch * saved_batch * saved_world
@@ -201,7 +201,7 @@ def resume_state(
         per_epoch = steps // cfg.train.epochs
         for _ in range(min(pos.epoch * per_epoch + pos.step_in_epoch, steps)):
             m.step_schedule()
-    return pos, payload.get("run_id") or new_run_id()
+    return pos, facts.run_id or new_run_id()
 
 
 def claim_run_dir(
@@ -227,7 +227,7 @@ def claim_run_dir(
     run_dir = start.run_dir
     if start.checkpoint is not None:
         notes += check_owner(
-            run_dir, start.checkpoint, start.payload and start.payload.get("run_id"), force
+            run_dir, start.checkpoint, start.payload and ckpt.facts_of(start.payload).run_id, force
         )
     lock = RunLock(run_dir)
     lock.acquire()  # a second trainer is refused before this folder is touched

@@ -293,10 +293,10 @@ def check_health(run: Run, values: dict[str, float]) -> None:
 
 def diverged(run: Run, what: str, step: int) -> Diverged:
     kept = run.run_dir / "last.pt"
-    keep = (
-        f"the last finite checkpoint {kept} (step {ckpt.load_checkpoint(kept)['global_step']}) "
-        "is kept" if kept.exists() else "no checkpoint was saved"
-    )  # fmt: skip
+    keep = "no checkpoint was saved"
+    if kept.exists():
+        step_kept = ckpt.facts_of(ckpt.load_checkpoint(kept)).global_step
+        keep = f"the last finite checkpoint {kept} (step {step_kept}) is kept"
     return Diverged(
         f"training diverged: {what}; {keep}. Try a lower learning rate (optim.lr is "
         f"{run.cfg.optim.lr:g}) or set optim.grad_clip",
