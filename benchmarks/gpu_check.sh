@@ -12,7 +12,7 @@
 # evaluation. The targets are printed next to the figures.
 # Each part is printed as it ends. Exits non-zero on any error, on a missing package (all
 # are listed before anything runs), or on a host sync inside a training step, the loader's
-# batch included (CUDA sync debug mode; fp16's GradScaler excepted).
+# batch included (CUDA sync debug mode; float16 with its GradScaler too).
 # Packages the GPU machine's Python lacks can be put in a folder on PYTHONPATH, e.g.
 #     pip install --target .gpu-deps --python-version 3.12 --only-binary=:all: pydantic \
 #         pyyaml rich tensorboard          # then carry .gpu-deps along; DEPS=.gpu-deps

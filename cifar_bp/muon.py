@@ -85,34 +85,53 @@ class Muon(torch.optim.Optimizer):
                     "weight_decay": weight_decay, "eps": eps, "muon": False}  # fmt: skip
         super().__init__(groups, defaults)
 
+    # GradScaler hands a step that takes this its found-inf flag as a device tensor
+    # (`self.found_inf`) instead of reading it back to decide whether to call step(): the
+    # host never waits. A step with inf/NaN gradients then changes nothing, by masking.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
+        found = getattr(self, "found_inf", None)  # set by GradScaler.step, for this call
+        scale = getattr(self, "grad_scale", None)  # None once the gradients are unscaled
+        keep = None if found is None else (found == 0).float()  # 0: skip this step
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            grads = [p.grad for p in params]
+            if scale is not None:
+                torch._foreach_div_(grads, scale)
+            if keep is not None:
+                for g in grads:  # inf × 0 is NaN: a skipped step's gradients become zeros
+                    g.masked_fill_(keep == 0, 0.0)
             if group["weight_decay"]:
                 # Decoupled weight decay (as in AdamW): shrink the weights, not the gradient.
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                decay = group["lr"] * group["weight_decay"]
+                torch._foreach_mul_(params, 1 - decay if keep is None else 1 - decay * keep)
             update = self._muon if group["muon"] else self._adam
-            update(params, group)
+            update(params, group, keep)
 
-    def _muon(self, params: list[nn.Parameter], group: dict) -> None:
+    def _muon(self, params: list[nn.Parameter], group: dict, keep: torch.Tensor | None) -> None:
         grads = [p.grad for p in params]
         bufs = [self._zeros(p, "momentum_buffer") for p in params]
-        torch._foreach_mul_(bufs, group["momentum"])
+        # A skipped step multiplies by momentum ** 0 = 1 and adds zeros: the buffer stays.
+        momentum = group["momentum"]
+        torch._foreach_mul_(bufs, momentum if keep is None else torch.pow(momentum, keep))
         torch._foreach_add_(bufs, grads)
         # Nesterov: step along where the momentum is heading, not where it has been.
-        if group["nesterov"]:
-            directions = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-        else:
-            directions = bufs
+        nesterov = group["nesterov"]
+        directions = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
         mats = [d.reshape(len(d), -1) for d in directions]
         for p, mat, ortho in zip(params, mats, orthogonalize_all(mats), strict=True):
             scale = ADAM_MATCH * max(mat.shape) ** 0.5
-            p.add_(ortho.view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+            step = ortho.view_as(p).to(p.dtype)
+            p.add_(step if keep is None else step * keep, alpha=-group["lr"] * scale)
 
-    def _adam(self, params: list[nn.Parameter], group: dict) -> None:
+    def _adam(self, params: list[nn.Parameter], group: dict, keep: torch.Tensor | None) -> None:
+        if keep is not None or torch.is_tensor(group.get("step", 0)):
+            self._masked_adam(params, group, keep)
+            return
         grads = [p.grad for p in params]
         avgs = [self._zeros(p, "exp_avg") for p in params]
         squares = [self._zeros(p, "exp_avg_sq") for p in params]
@@ -128,6 +147,30 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, avgs, denom, value=-group["lr"] / (1 - beta1**step))
+
+    def _masked_adam(
+        self, params: list[nn.Parameter], group: dict, keep: torch.Tensor | None
+    ) -> None:
+        """Adam with its step count on the device, so that a step GradScaler skips (keep 0)
+        neither counts nor moves anything, without the host reading the flag back."""
+        grads = [p.grad for p in params]
+        avgs = [self._zeros(p, "exp_avg") for p in params]
+        squares = [self._zeros(p, "exp_avg_sq") for p in params]
+        keep = torch.ones((), device=params[0].device) if keep is None else keep
+        group["step"] = step = torch.as_tensor(group.get("step", 0), device=keep.device) + keep
+        beta1, beta2 = group["betas"]
+        torch._foreach_mul_(avgs, torch.pow(beta1, keep))  # the same lerp, masked
+        torch._foreach_add_(avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(squares, torch.pow(beta2, keep))
+        torch._foreach_addcmul_(squares, grads, grads, value=1 - beta2)
+        # Clamped: a first step that is skipped has count 0, and 0/0 would poison the weights.
+        denom = torch._foreach_div(squares, (1 - torch.pow(beta2, step)).clamp(min=1e-12))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        steps = torch._foreach_div(avgs, denom)
+        size = -group["lr"] * keep / (1 - torch.pow(beta1, step)).clamp(min=1e-12)
+        torch._foreach_mul_(steps, size)
+        torch._foreach_add_(params, steps)
 
     def _zeros(self, p: nn.Parameter, name: str) -> torch.Tensor:
         state = self.state[p]

@@ -38,7 +38,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer; a value torch.optim rejects is reported as the config key's fault."""
     params = [p for _, p in named]
-    # On CUDA the fused kernels also let GradScaler skip its per-step read-back of found-inf.
+    # On CUDA the fused kernels also let GradScaler skip its per-step read-back of found-inf
+    # (Muon takes the flag on the device too: muon.Muon._step_supports_amp_scaling).
     fused = bool(params) and params[0].is_cuda
     make: Callable[[], torch.optim.Optimizer]
     if cfg.name == "sgd":

@@ -193,14 +193,18 @@ def fake_report(settings: str, syncs: int) -> dict:
     return {"device": "cuda", "variants": {"c": variant}}
 
 
-def test_gpu_check_fails_on_a_sync_inside_the_step_unless_gradscaler(capsys):
+def test_gpu_check_fails_on_any_sync_inside_a_step(capsys):
     assert sync_verdict(fake_report("bf16 NHWC engine", 0)) == 0
     assert "sync check passed" in capsys.readouterr().out
     assert sync_verdict(fake_report("bf16 NHWC engine", 3)) == 1
     assert "HOST SYNC INSIDE THE STEP: (c) 3 syncs in 20 steps, first at x:1" in (
         capsys.readouterr().err
     )
-    assert sync_verdict(fake_report("fp16+scaler NHWC engine", 20)) == 0
+    # Fused SGD/Adam and Muon take GradScaler's flag on the device: no excuse for float16.
+    assert sync_verdict(fake_report("fp16+scaler NHWC engine", 20)) == 1
+    train = {"batch_size": 512, "host_syncs": 2, "steps": 98, "first_sync": ["y:2"]}
+    assert sync_verdict(fake_report("bf16 NHWC engine", 0), [train]) == 1
+    assert "(train at batch 512) 2 syncs in 98 steps, first at y:2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

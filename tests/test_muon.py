@@ -96,3 +96,49 @@ def test_batched_matrices_of_different_sizes_do_not_mix():
     for mat, got in zip(mats, together, strict=True):
         assert got.shape == mat.shape
         assert torch.allclose(got, orthogonalize(mat), atol=1e-5)
+
+
+def make_pair(decay: float = 0.01) -> tuple[Muon, list[torch.nn.Parameter]]:
+    torch.manual_seed(1)
+    weight, bias = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(8))
+    groups = [{"params": [weight], "muon": True}, {"params": [bias], "muon": False}]
+    return Muon(groups, 0.01, 0.9, True, (0.9, 0.99), weight_decay=decay), [weight, bias]
+
+
+def test_a_step_the_scaler_flags_changes_nothing_and_nothing_is_read_back():
+    """GradScaler passes its found-inf flag as a device tensor (the host never waits on it):
+    a flagged step leaves weights and state as they were, and the run goes on as if that
+    step had never been taken, Adam's step count included."""
+    grads = [(torch.randn(8, 12), torch.randn(8)) for _ in range(3)]
+    plain, ours = make_pair(), make_pair()
+    for g in (grads[0], grads[2]):
+        for p, x in zip(plain[1], g, strict=True):
+            p.grad = x.clone()
+        plain[0].step()
+    bad = (torch.full((8, 12), float("inf")), torch.full((8,), float("nan")))
+    for g, flag in ((grads[0], 0.0), (bad, 1.0), (grads[2], 0.0)):
+        for p, x in zip(ours[1], g, strict=True):
+            p.grad = x.clone()
+        before = [p.detach().clone() for p in ours[1]]
+        ours[0].found_inf = torch.tensor(flag)
+        ours[0].step()
+        del ours[0].found_inf
+        if flag:
+            assert all(torch.equal(a, p) for a, p in zip(before, ours[1], strict=True))
+    for a, b in zip(plain[1], ours[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(ours[0].param_groups[1]["step"]) == plain[0].param_groups[1]["step"] == 2
+
+
+def test_grad_scaler_skips_muons_bad_step_through_the_flag():
+    opt, params = make_pair()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = [p.detach().clone() for p in params]
+    loss = scaler.scale(sum(p.sum() for p in params)) * float("inf")
+    loss.backward()  # every gradient inf, as in a float16 overflow
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    assert scaler.get_scale() == 2.0  # the overflow halved the scale
+    assert not hasattr(opt, "found_inf")  # the scaler set the flag for that call only
