@@ -36,6 +36,8 @@ def test_bench_reports_rates_flops_and_peak_share(cli, capsys):
     report = json.loads(result.stdout)
     variants = report["variants"]
     assert list(variants) == ["a", "b", "d", "b@32"]
+    # Progress goes to stderr, each turn as it ends, and the JSON stays alone on stdout.
+    assert "bench: timed epoch 1 of 1 done for a, b, d, b@32" in result.stderr
     peak = report["peak"]["float32"]["best_gflops"]
     assert peak > 0 and report["peak"]["threads"] == report["threads"]
     mflop = report["step_mflop_per_image"]["total"]

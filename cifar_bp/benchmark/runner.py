@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -108,10 +109,18 @@ def take_turns(
             procs[-1].start()
         setup = {key: _reply(key, conn) for key, conn in conns.items()}  # all ready first
         keys, runs = list(jobs), {key: [] for key in jobs}
+        started = time.perf_counter()
         for turn in range(repeats + 1):
             for key in keys[turn % len(keys) :] + keys[: turn % len(keys)]:
                 conns[key].send("epoch")
                 runs[key].append(_reply(key, conns[key]))
+            # On stderr, so that --json keeps stdout to itself.
+            what = "the first epochs" if turn == 0 else f"timed epoch {turn} of {repeats}"
+            print(
+                f"bench: {what} done for {', '.join(keys)} ({time.perf_counter() - started:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         results, env = {}, {}
         for key, conn in conns.items():
             conn.send("done")

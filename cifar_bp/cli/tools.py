@@ -47,7 +47,11 @@ def bench(
     compile_: Annotated[bool, typer.Option("--compile", help="Add torch.compile to (c).")] = False,
     sync_debug: Annotated[
         bool,
-        typer.Option("--sync-debug", help="CUDA: count host syncs in the engine's timed steps."),
+        typer.Option(
+            "--sync-debug",
+            help="CUDA: count the host syncs in 20 untimed steps after the timed epochs, "
+            "each watched from the loader's batch to the end of train_step.",
+        ),
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
