@@ -129,17 +129,23 @@ def test_engine_loop_runs_more_epochs_than_the_default_recipe():
     assert loop.summary()["steps_per_epoch"] == 4
 
 
+def one_sync_per_watch(where: str):
+    """A stand-in for loops.sync_watch (which needs a GPU) that reports one sync each time."""
+
+    @contextmanager
+    def watch():
+        caught: list[str] = []
+        yield caught
+        caught.append(where)
+
+    return watch
+
+
 def test_sync_check_counts_syncs_inside_the_step_only(monkeypatch):
     """CUDA's sync debug mode needs a GPU; the counting around it is checked with a fake."""
     from cifar_bp.benchmark import loops
 
-    @contextmanager
-    def one_sync_per_step():
-        caught: list[str] = []
-        yield caught
-        caught.append("engine.py:7")
-
-    monkeypatch.setattr(loops, "sync_watch", one_sync_per_step)
+    monkeypatch.setattr(loops, "sync_watch", one_sync_per_watch("engine.py:7"))
     monkeypatch.setattr(loops, "SYNC_STEPS", 3)
     split = synthetic_split(16 * 5, seed=0)
     loop = EngineLoop(choose(["b@16"], "cpu")["b@16"], split, torch.device("cpu"), 1, False)
@@ -232,13 +238,7 @@ def test_gpu_check_watches_the_real_trainers_steps_and_training_batches(monkeypa
     from cifar_bp.benchmark import loops
     from cifar_bp.report import QuietReporter
 
-    @contextmanager
-    def one_sync_each():
-        caught: list[str] = []
-        yield caught
-        caught.append("x:1")
-
-    monkeypatch.setattr(loops, "sync_watch", one_sync_each)
+    monkeypatch.setattr(loops, "sync_watch", one_sync_per_watch("x:1"))
     flags = {"epochs": 1, "batch_size": 64, "logdir": str(tmp_path)}
     cfg = resolve_config(SMOKE, flags, ["data.train_size=128", "data.test_size=64"])
     found: list[str] = []
