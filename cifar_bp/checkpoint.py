@@ -12,14 +12,18 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from cifar_bp.config import Config, describe_validation_error
+from cifar_bp.config_files import shown
 from cifar_bp.errors import CliError, UsageError, first_line
 from cifar_bp.run import Position
 
@@ -31,6 +35,8 @@ FORMAT_VERSION = 2
 REQUIRED = ("format_version", "model", "config", "epoch", "step_in_epoch", "global_step")
 TEMP_PREFIX = "."  # temporary files are `.<name>.tmp-<pid>` beside the checkpoint
 TEMP_MARK = ".tmp-"
+ELSEWHERE = "use another checkpoint or start a new run"
+ON_RESUME = "resume from another checkpoint or start a new run"
 
 
 def capture(run: Run) -> dict[str, Any]:
@@ -62,17 +68,27 @@ def capture(run: Run) -> dict[str, Any]:
 
 
 def restore(
-    payload: dict[str, Any], m: Machinery, meters: Meters, same_optim: bool, same_schedule: bool
+    payload: dict[str, Any],
+    m: Machinery,
+    meters: Meters,
+    same_optim: bool,
+    same_schedule: bool,
+    path: Path = Path("checkpoint"),
 ) -> Position:
     """Put model, optimizer, scheduler, scaler, average, meters and RNGs back where they were.
 
     With `same_optim` false (a forced change of optim.*), the optimizer starts afresh; with
     `same_schedule` false the caller recomputes the schedule (the saved state would restore
-    the old lr, or a length the run no longer has).
+    the old lr, or a length the run no longer has). `path` names the file in messages.
     """
-    load_model_state(m.plain, payload["model"], Path("checkpoint"))
+    load_model_state(m.plain, payload["model"], path)
     pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    needed = ("optimizer", "rng") if same_optim else ("rng",)
+    lacking = [key for key in needed if key not in payload]
+    if lacking:
+        raise damaged(path, f"it lacks {', '.join(lacking)}", ON_RESUME)
     if same_optim:
+        check_optimizer_fits(payload["optimizer"], m.optimizer, m.plain, path)
         m.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scaler"):
         m.scaler.load_state_dict(payload["scaler"])
@@ -92,8 +108,26 @@ def restore(
     return pos
 
 
+def check_optimizer_fits(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module, path: Path
+) -> None:
+    """Each saved per-parameter tensor has its parameter's shape: torch's load_state_dict
+    does not look, and a misfit would surface at the first step as a size mismatch."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    # Matched in order across the groups, as torch matches them (it checks the counts).
+    ids = [i for group in saved["param_groups"] for i in group.get("params", ())]
+    live = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in zip(ids, live, strict=False):
+        for key, value in saved["state"].get(index, {}).items():
+            # Adam's step count is a scalar whatever the parameter's shape.
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                what = f"its optimizer state {key} for {names.get(id(param), index)}"
+                shapes = f"has shape {list(value.shape)}, the parameter {list(param.shape)}"
+                raise damaged(path, f"{what} {shapes}", ON_RESUME)
+
+
 def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The config the checkpoint was trained with, as plain data."""
+    """The config the checkpoint was trained with, as plain data; it is valid (see run_config)."""
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CliError(f"{path}: the checkpoint holds no config")
@@ -102,7 +136,22 @@ def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     train = cfg.get("train")
     if isinstance(train, dict) and "eval_shift" not in train:
         cfg = {**cfg, "train": {**train, "eval_shift": 0}}
+    _validate_config(cfg, path)
     return cfg
+
+
+def run_config(payload: dict[str, Any], path: Path) -> Config:
+    """The config the checkpoint was trained with, as the validated model."""
+    return Config.model_validate(config_of(payload, path))  # config_of has checked it
+
+
+def _validate_config(cfg: dict[str, Any], path: Path) -> Config:
+    # The config came with the file, not from the command: an invalid one is a damaged
+    # checkpoint (exit 1), whichever command reads it.
+    try:
+        return Config.model_validate(cfg)
+    except ValidationError as err:
+        raise damaged(path, describe_validation_error(err, "its config", [])) from None
 
 
 @dataclass(frozen=True)
@@ -224,16 +273,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path} (give a last.pt/best.pt or a run folder)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a pickle it then refuses; the refusal is what we report.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         why = why_unreadable(path, err)
         raise CliError(f"{path} is not a readable checkpoint: {why}") from None
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CliError(f"{path} is not a cifar-bp checkpoint (it has no format_version)")
-    if payload["format_version"] != FORMAT_VERSION:
+    version = payload["format_version"]
+    if not _count()(version):
+        raise damaged(path, f"format_version must be a whole number (got {_got(version)})")
+    if version != FORMAT_VERSION:
         raise CliError(
-            f"{path} has checkpoint format {payload['format_version']}, this cifar-bp reads "
-            f"format {FORMAT_VERSION}"
+            f"{path} has checkpoint format {version}, this cifar-bp reads format {FORMAT_VERSION}"
         )
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
@@ -243,16 +297,89 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     average = payload.get("average")
     if average and not (isinstance(average, dict) and _is_weights(average.get("weights"))):
         raise CliError(f"{path} is a damaged checkpoint: its weight average holds no weights")
+    check_payload(payload, path)
     return payload
+
+
+def damaged(path: Path, problem: str, advice: str = ELSEWHERE) -> CliError:
+    return CliError(f"{path}: the checkpoint is damaged: {problem}; {advice}")
+
+
+def check_payload(payload: dict[str, Any], path: Path) -> None:
+    """Each key of the schema that is present has its type, no weight is inf or NaN, and the
+    config is valid: the rest of the program then trusts the payload (a key added since a
+    checkpoint was written may be absent: Facts gives its default)."""
+    for key, (fits, what) in SCHEMA.items():
+        parent, _, name = key.rpartition(".")
+        node = payload.get(parent) if parent else payload
+        if not isinstance(node, dict) or (not parent and name not in node):
+            continue  # an absent key, or below one that is None (the schema checked which)
+        value = node.get(name)  # a sub-key that is missing reads as None
+        if not fits(value):
+            raise damaged(path, f"{key} must be {what} (got {_got(value)})")
+    bad = first_nonfinite(payload)
+    if bad is not None:
+        raise damaged(path, f"{bad} holds inf/NaN values")
+    config_of(payload, path)
+
+
+# --- The payload's schema: key -> (does the value fit, what it must be). A dotted key is
+# checked where the mapping above it is present (and not None), in this order.
+Fits = Callable[[Any], bool]
+
+
+def _count(least: int = 0) -> Fits:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _is(kind: type, maybe: bool = False) -> Fits:
+    return lambda v: isinstance(v, kind) or (maybe and v is None)
+
+
+def _each(kind: type, v: Any, container: type = dict) -> bool:
+    items = v.values() if isinstance(v, dict) else v
+    return isinstance(v, container) and all(isinstance(x, kind) for x in items)
+
+
+NUMBER = int | float
+WHOLE = (_count(), "a whole number, 0 or more")
+SCHEMA: dict[str, tuple[Fits, str]] = {
+    "run_id": (_is(str, maybe=True), "text"),
+    "epoch": WHOLE, "step_in_epoch": WHOLE, "global_step": WHOLE,
+    "world_size": (_count(1), "a whole number, 1 or more"),
+    "schedule_steps": (lambda v: v is None or _count(1)(v), "a whole number, 1 or more"),
+    "best_metric": (lambda v: _is(NUMBER)(v) and not isinstance(v, bool), "a number"),
+    "elapsed": (lambda v: _is(NUMBER)(v) and 0 <= v < math.inf, "a number of seconds, 0 or more"),
+    "config": (_is(dict), "a mapping"),
+    "classes": (lambda v: _each(str, v, list), "a list of class names"),
+    "data_identity": (_is(str, maybe=True), "text"),
+    "meters": (lambda v: _each(torch.Tensor, v) and all(t.dim() == 0 for t in v.values()),
+               "a mapping of names to one-number tensors"),
+    "rng": (_is(dict), "a mapping"),
+    "rng.torch": (lambda v: _is(torch.Tensor)(v) and v.dtype == torch.uint8 and v.dim() == 1,
+                  "a random generator's state, a uint8 tensor"),
+    "optimizer": (_is(dict), "a mapping"),
+    "optimizer.state": (lambda v: _each(dict, v), "a mapping of mappings"),
+    "optimizer.param_groups": (lambda v: _each(dict, v, list), "a list of mappings"),
+    "scheduler": (_is(dict, maybe=True), "a mapping"),
+    "scaler": (lambda v: v is None or _each(NUMBER, v), "a mapping of numbers"),
+    "average": (_is(dict, maybe=True), "a mapping"),
+    "average.updates": WHOLE,
+}  # fmt: skip
+
+
+def _got(value: Any) -> str:
+    """A value in one short line: a tensor, or a mapping that holds some, by its kind."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    if isinstance(value, dict) and next(_tensors(value), None) is not None:
+        return f"a mapping of {len(value)} key(s)"
+    return " ".join(shown(value).split())
 
 
 def _is_weights(state: Any) -> bool:
     """A state dict: parameter names to tensors, at least one."""
-    return (
-        isinstance(state, dict)
-        and bool(state)
-        and all(isinstance(v, torch.Tensor) for v in state.values())
-    )
+    return _each(torch.Tensor, state) and bool(state)
 
 
 def why_unreadable(path: Path, err: Exception) -> str:

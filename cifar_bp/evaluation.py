@@ -17,6 +17,7 @@ from cifar_bp.checkpoint import (
 )
 from cifar_bp.cifar10 import CLASSES
 from cifar_bp.config import Config, DataConfig, read_yaml, resolve_config
+from cifar_bp.config_files import shown
 from cifar_bp.engine import EvalResult, Scoring, evaluate
 from cifar_bp.errors import UsageError
 from cifar_bp.hardware import resolve_device, scoring_precision
@@ -69,23 +70,35 @@ def split_dict(result: EvalResult) -> dict[str, Any]:
 
 
 def eval_config(
-    payload: dict[str, Any], path: Path, config_path: Path | None, sets: list[str]
+    payload: dict[str, Any],
+    path: Path,
+    config_path: Path | None,
+    sets: list[str],
+    device: str | None = None,
 ) -> Config:
+    """The checkpoint's config (a damaged one is the file's fault: exit 1), with the data of
+    `config_path`, `--device` and the --set items (a mistake there is the user's: exit 2)."""
     base = config_of(payload, path)
+    # The checkpoint's own config is valid, so whatever else is wrong came from the command.
+    origin = "the checkpoint's config"
     if config_path is not None:
-        base = {**base, "data": read_yaml(config_path).get("data", {})}
+        data = read_yaml(config_path).get("data", {})
+        if not isinstance(data, dict):
+            raise UsageError(f"{config_path}: data: must be a mapping of keys (got {shown(data)})")
+        base, origin = {**base, "data": data}, str(config_path)
     for item in sets:
         if not item.split("=", 1)[0].strip().startswith(EVAL_KEYS):
             raise UsageError(
                 f"--set {item}: evaluate takes only data.*, train.eval_flip, train.eval_shift "
                 "and train.device"
             )
-    cfg = resolve_config(None, {}, sets, base=base)
+    flags = {"device": device}
+    cfg = resolve_config(None, flags, sets, base=base, base_origin=origin)
     if config_path is None and is_other_folder(cfg.data, base.get("data", {})):
         # The run's subset sizes and validation split were about its own data; another
         # folder is scored whole unless --set says otherwise.
         own = {k: v for k, v in base.get("data", {}).items() if k not in SUBSET_KEYS}
-        cfg = resolve_config(None, {}, sets, base={**base, "data": own})
+        cfg = resolve_config(None, flags, sets, base={**base, "data": own}, base_origin=origin)
     return cfg
 
 
@@ -108,9 +121,7 @@ def evaluate_checkpoint(
     from cifar_bp.data import DeviceLoader
 
     payload = load_checkpoint(path)
-    cfg = eval_config(
-        payload, path, config_path, sets + ([f"train.device={device}"] if device else [])
-    )
+    cfg = eval_config(payload, path, config_path, sets, device)
     dev = resolve_device(cfg.train.device)
     model = build_model(cfg.model, dev)
     # A run that kept a weight average reported the average's accuracy: score the same.

@@ -42,36 +42,30 @@ class Trained:
 def load_trained(path: Path) -> Trained:
     """The checkpoint's network in eval mode on the CPU, preferring the weight average.
 
-    The one place that knows the checkpoint's layout (predict and export both use it).
+    The one place that knows the checkpoint's layout (predict and export both use it); its
+    config is checked where every command reads it (checkpoint.run_config).
     """
     from cifar_bp.checkpoint import (
-        config_of,
         facts_of,
         load_checkpoint,
         load_model_state,
+        run_config,
         weights_of,
     )
-    from cifar_bp.cifar10 import CLASSES, MEAN, STD
-    from cifar_bp.config import ModelConfig
+    from cifar_bp.cifar10 import CLASSES
     from cifar_bp.model import build_model
 
     payload = load_checkpoint(path)
-    cfg = config_of(payload, path)
+    cfg = run_config(payload, path)
     # channels_last is a training-speed choice; inference here is CPU, one layout is simpler.
-    model_cfg = ModelConfig.model_validate({**cfg.get("model", {}), "channels_last": False})
-    model = build_model(model_cfg, "cpu")
+    model = build_model(cfg.model.model_copy(update={"channels_last": False}), "cpu")
     load_model_state(model, weights_of(payload), path)
-    data = cfg.get("data", {})
-    if data.get("normalize", True):
-        mean, std = tuple(data.get("mean", MEAN)), tuple(data.get("std", STD))
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    data = cfg.data
+    mean, std = (data.mean, data.std) if data.normalize else ((0.0,) * 3, (1.0,) * 3)
     facts = facts_of(payload)
     classes = list(facts.classes or CLASSES)
-    train = cfg.get("train", {})
-    scoring = Scoring(facts.averaged, bool(train.get("eval_flip", False)),
-                      int(train.get("eval_shift", 0)))  # fmt: skip
-    return Trained(model.eval(), mean, std, classes, scoring)
+    scoring = Scoring(facts.averaged, cfg.train.eval_flip, cfg.train.eval_shift)
+    return Trained(model.eval(), tuple(mean), tuple(std), classes, scoring)
 
 
 @dataclass

@@ -175,7 +175,7 @@ def print_run_summary(result: Any, quiet: bool = False) -> None:
     # The commands quote their paths, so a folder with a space still pastes into a shell.
     logdir = shlex.quote(str(result.run_dir.parent))
     console.print(f"TensorBoard:   tensorboard --logdir {logdir}", soft_wrap=True)
-    if result.stopped_by:
+    if result.stopped_by and not result.completed:  # a complete run has nothing to resume
         launcher = "cifar-bp"
         if result.world_size > 1:  # resume the same way it was launched
             launcher = f"torchrun --nproc_per_node={result.world_size} -m cifar_bp"

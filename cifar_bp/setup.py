@@ -184,7 +184,7 @@ def resume_state(
         and saved_steps // max(saved.get("epochs", 1), 1) == steps // cfg.train.epochs
     )
     try:
-        pos = ckpt.restore(payload, m, meters, same_optim, same_schedule)
+        pos = ckpt.restore(payload, m, meters, same_optim, same_schedule, start.checkpoint)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CliError(
             f"{start.checkpoint}: the checkpoint is damaged or incomplete ({type(err).__name__}: "

@@ -167,6 +167,7 @@ def bad_checkpoints(tmp: Path, good: Path) -> dict[str, Path]:
     misfit["model1.linear2.weight"] = torch.zeros(5, 64)
     torch.save({**payload, "model": misfit}, tmp / "misfit.pt")
     out["misfit"] = tmp / "misfit.pt"
+    out["good"] = good
     return out
 
 
@@ -208,6 +209,28 @@ def test_bad_checkpoints_are_one_clear_message(cli, broken, kind, command):
     assert MESSAGES[kind] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "weights_only" not in result.stderr  # torch's advice to load unsafely is not ours
+
+
+EVALUATE_MISTAKES = [
+    (["-c", "data5.yaml"], "{tmp}/data5.yaml: data: must be a mapping of keys (got 5)"),
+    (["-c", "negative.yaml"],
+     "{tmp}/negative.yaml: data.test_size: must be greater than or equal to 1 (got -4)"),
+    (["--device", "gpu"],
+     "--device: train.device: device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
+    (["--set", "data.test_size=0"],
+     "--set data.test_size=0: data.test_size: must be greater than or equal to 1 (got 0)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "line"), EVALUATE_MISTAKES)
+def test_evaluate_blames_what_the_user_typed(cli, broken, tmp_path, args, line):
+    """Not "the checkpoint's config" for a -c file's data, nor "--set" for --device."""
+    (tmp_path / "data5.yaml").write_text("data: 5\n")
+    (tmp_path / "negative.yaml").write_text("data:\n  test_size: -4\n")
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    result = cli("evaluate", "--checkpoint", broken["good"], *args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == f"error: {line.format(tmp=tmp_path)}\n"
 
 
 def one_error_line(result) -> str:
