@@ -9,10 +9,8 @@ plain data (`as_dict` is the `--json` output), which `grads_view` renders and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -344,47 +342,3 @@ def preview(grad: torch.Tensor) -> tuple[str, list[list[float]]]:
     values = grad.flatten()[:10].tolist()
     rows = [values[i : i + 5] for i in range(0, len(values), 5)]  # five a row: fits a terminal
     return f"[:{len(values)}]: the first values", rows
-
-
-@contextlib.contextmanager
-def tensorboard_dir(logdir: Path | None) -> Iterator[Path | None]:
-    """The --logdir folder for this inspection, created before the inspection runs: a
-    folder that cannot be created is one line up front, not a traceback after all the
-    tables. Removed again if the inspection fails while it is still empty."""
-    if logdir is None:
-        yield None
-        return
-    from cifar_bp.compare import plan_parent
-    from cifar_bp.rundir import check_logdir
-
-    check_logdir(logdir)
-    parent = plan_parent(logdir, "inspect", None)
-    try:
-        parent.mkdir(parents=True)
-    except OSError as err:
-        raise CliError(f"cannot create {parent} (--logdir): {err.strerror or err}") from None
-    try:
-        yield parent
-    except BaseException:
-        with contextlib.suppress(OSError):
-            parent.rmdir()  # only if empty: what was written stays
-        raise
-
-
-def write_tensorboard(inspection: Inspection, parent: Path) -> None:
-    """One sub-run per loss under `parent` (from `tensorboard_dir`), so TensorBoard overlays
-    them: the table's numbers as scalars and every gradient's values as a histogram."""
-    from cifar_bp.tracking import Tracker
-
-    for p in inspection.passes:
-        tracker = Tracker(parent / f"{p.loss}-{p.reduction}")
-        scalars = {f"grad_norm/{s.name}": s.norm for s in p.after}
-        scalars |= {f"grad_to_weight/{s.name}": s.grad_to_weight for s in p.after}
-        scalars["grad_norm/total"] = p.total_norm
-        if p.loss_value is not None:
-            scalars["loss"] = p.loss_value
-        tracker.scalars(scalars, 0)
-        assert tracker.writer is not None
-        for name, grad in p.grads.items():
-            tracker.writer.add_histogram(f"grads/{name}", grad.float().cpu(), 0)
-        tracker.close()

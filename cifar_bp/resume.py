@@ -7,12 +7,17 @@ the config (only SAFE_KEYS may change), the data (same classes, same images) and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from shlex import quote
+from typing import TYPE_CHECKING, Any
 
 from cifar_bp.config import Config, resolve_config
 from cifar_bp.errors import UsageError
+
+if TYPE_CHECKING:
+    from cifar_bp.checkpoint import Facts
 
 # Keys that may change on resume without silently changing what is being trained.
 SAFE_KEYS = (
@@ -41,20 +46,65 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-def find_checkpoint(spec: str, logdir: Path, run_name: str | None) -> Path:
-    """`--resume PATH` (a checkpoint or a run directory) or `--resume auto`: the newest run
-    under the log directory (with `--run-name`, that run) that has a last.pt."""
-    if spec != "auto":
-        path = Path(spec)
-        path = path / "last.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise UsageError(f"--resume {spec}: no checkpoint at {path}")
-        return path
-    pattern = f"{run_name}/last.pt" if run_name else "*/last.pt"
-    found = sorted(logdir.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UsageError(f"--resume auto: no run with a last.pt under {logdir}/{pattern}")
-    return found[-1]
+def locate(spec: str, logdir: Path, run_name: str | None) -> tuple[Path, Path | None, list[str]]:
+    """`--resume PATH` (a checkpoint or a run folder) or `--resume auto`: the run folder, its
+    checkpoint (None where it never saved one) and what to tell the user about the choice."""
+    if spec == "auto":
+        return newest_run(logdir, run_name)
+    path = Path(spec)
+    if path.is_dir():
+        return (path, *checkpoint_in(path))
+    if not path.is_file():
+        raise UsageError(f"--resume {spec}: no checkpoint at {path}")
+    return path.parent, path, []
+
+
+def checkpoint_in(folder: Path) -> tuple[Path | None, list[str]]:
+    """A run folder's last.pt; where only its best.pt is left, that (never overwrite it by
+    starting the run again from scratch)."""
+    if (folder / "last.pt").is_file():
+        return folder / "last.pt", []
+    if (folder / "best.pt").is_file():
+        note = (
+            f"{folder} has no last.pt: resuming from its best.pt instead (its best epoch, "
+            "which need not be its last)"
+        )
+        return folder / "best.pt", [note]
+    return None, []
+
+
+RUN_FILES = ("last.pt", "best.pt", "run.json", "config.yaml")
+
+
+def newest_run(logdir: Path, run_name: str | None) -> tuple[Path, Path | None, list[str]]:
+    """The run folder under `logdir` (with `--run-name`, that one) written to last, even one
+    stopped before its first checkpoint: that one starts again, as `--resume DIR` would."""
+    try:
+        folders = [logdir / run_name] if run_name else sorted(logdir.iterdir())
+    except OSError:
+        folders = []
+    runs = sorted((t, f) for f in folders if f.is_dir() and (t := last_written(f)) > 0)
+    if not runs:
+        named = f" named {run_name}" if run_name else ""
+        raise UsageError(f"--resume auto: no run{named} under {logdir}")
+    folder = runs[-1][1]
+    path, notes = checkpoint_in(folder)
+    if path is not None:
+        return folder, path, notes
+    older = next((f for _, f in reversed(runs[:-1]) if checkpoint_in(f)[0]), None)
+    also = (
+        f" (to continue the older {older} instead: --resume {quote(str(older))})" if older else ""
+    )
+    return folder, None, [f"--resume auto: the newest run is {folder}{also}"]
+
+
+def last_written(folder: Path) -> float:
+    """When a run last wrote its checkpoint, identity or config (0: not a run folder)."""
+    times = [0.0]
+    for name in RUN_FILES:
+        with contextlib.suppress(OSError):  # absent, or removed while we look
+            times.append((folder / name).stat().st_mtime)
+    return max(times)
 
 
 def config_changes(old: dict[str, Any], new: Config) -> list[str]:
@@ -124,22 +174,31 @@ def prepare_resume(
     cfg = resolve_config(config_path, flags, sets)
     if spec is None:
         return Start(cfg)
-    folder = Path(spec)
-    if spec != "auto" and folder.is_dir() and not (folder / "last.pt").exists():
-        return restart(folder, config_path, flags, sets)
-    path = find_checkpoint(spec, Path(cfg.log.logdir), cfg.log.run_name)
+    folder, path, notes = locate(spec, Path(cfg.log.logdir), cfg.log.run_name)
+    if path is None:
+        start = restart(folder, config_path, flags, sets)
+        start.notes[:0] = notes
+        return start
     payload = load_checkpoint(path)
     old = config_of(payload, path)
     cfg = resolve_config(config_path, flags, sets, base=None if config_path else old)
     changes = check_resume_config(old, cfg, force)
-    facts = facts_of(payload)
-    notes = [f"resuming {path} at epoch {facts.epoch + 1}, step {facts.global_step}"]
-    if facts.epoch >= cfg.train.epochs:
-        notes.append(
-            f"that run already completed {cfg.train.epochs} epoch(s): pass --epochs N to go on"
-        )
+    notes.append(position_note(path, facts_of(payload), cfg.train.epochs, "epochs" in flags))
     notes += [f"changed on resume: {key}" for key in changes]
     return Start(cfg, payload, path.parent, path, notes)
+
+
+def position_note(path: Path, facts: Facts, epochs: int, epochs_flag: bool) -> str:
+    """Where the resume picks up; for a run that has trained all its epochs, that nothing
+    more will be trained and how to go on."""
+    if facts.epoch < epochs:
+        return f"resuming {path} at epoch {facts.epoch + 1}, step {facts.global_step}"
+    done = f"{facts.epoch} epoch{'' if facts.epoch == 1 else 's'}"
+    asked = f"--epochs {epochs}" if epochs_flag else f"train.epochs {epochs}"
+    return (
+        f"resuming {path}: that run already completed {done} (step {facts.global_step}); "
+        f"{asked} trains nothing more: pass --epochs N with N > {facts.epoch} to go on"
+    )
 
 
 def restart(

@@ -2,8 +2,9 @@
 
 A run folder belongs to one run. `run.json` names the run's id, and every checkpoint carries
 the same id, so a checkpoint copied into another run's folder is noticed before it overwrites
-anything there. While a process trains a run it holds `.lock` (an flock, released by the
-kernel when the process dies, so a lock left by a killed process is never in the way).
+anything there; a folder that is no run's (a downloads folder) is not adopted either.
+While a process trains a run it holds `.lock` (an flock, released by the kernel when the
+process dies, so a lock left by a killed process is never in the way).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import time
 import uuid
@@ -116,18 +118,102 @@ def read_identity(run_dir: Path) -> str | None:
 
 
 def check_owner(run_dir: Path, checkpoint: Path, run_id: str | None, force: bool) -> list[str]:
-    """Refuse to resume into a folder that belongs to another run, unless `force`."""
-    owner = read_identity(run_dir)
-    if owner is None or run_id is None or owner == run_id:
+    """Refuse to resume into a folder that belongs to another run (its run.json, last.pt or
+    best.pt name another run id), or into a folder that is no run's at all (a downloads
+    folder), unless `force`. A folder holding nothing but this run's checkpoints is its own."""
+    problem = foreign_owner(run_dir, checkpoint, run_id) or stranger_folder(
+        run_dir, checkpoint, run_id
+    )
+    if problem is None:
         return []
+    what, adopted = problem
     if not force:
         raise UsageError(
+            f"{what}. Copy the checkpoint into a folder of its own (mkdir NEW && cp "
+            f"{shlex.quote(str(checkpoint))} NEW/last.pt) and resume that (cifar-bp train "
+            "--resume NEW), or pass --force to adopt this folder"
+        )
+    return [f"--force: {run_dir} now continues run {(run_id or '?')[:8]} ({adopted})"]
+
+
+def foreign_owner(run_dir: Path, checkpoint: Path, run_id: str | None) -> tuple[str, str] | None:
+    """Which of the folder's run.json, last.pt and best.pt names another run than `run_id`."""
+    if run_id is None:  # a checkpoint that does not say which run it is
+        return None
+    owner = read_identity(run_dir)
+    if owner is not None and owner != run_id:
+        return (
             f"{checkpoint} belongs to another run than the folder it sits in ({run_dir} is run "
             f"{owner[:8]}, the checkpoint is from run {run_id[:8]}); resuming would overwrite "
-            f"that run's checkpoints. Copy it into a folder of its own (mkdir NEW && cp "
-            f"{checkpoint} NEW/last.pt) and resume that, or pass --force to adopt this folder"
+            "that run's checkpoints",
+            f"it held run {owner[:8]}",
         )
-    return [f"--force: {run_dir} now continues run {run_id[:8]} (it held run {owner[:8]})"]
+    for name in ("last.pt", "best.pt"):
+        other = checkpoint_owner(run_dir / name, checkpoint)
+        if other is not None and other != run_id:
+            return (
+                f"{checkpoint} belongs to another run than the folder it would write to "
+                f"({run_dir / name} is from run {other[:8]}, the checkpoint from run "
+                f"{run_id[:8]}); resuming would overwrite it",
+                f"its {name} was from run {other[:8]}",
+            )
+    return None
+
+
+def stranger_folder(run_dir: Path, checkpoint: Path, run_id: str | None) -> tuple[str, str] | None:
+    """A folder without run.json or config.yaml that holds more than this run's checkpoints
+    (and what a killed trainer leaves: .lock, temporary files) is not a run folder."""
+    if (run_dir / IDENTITY).exists() or (run_dir / "config.yaml").exists():
+        return None
+    try:
+        entries = sorted(run_dir.iterdir())
+    except OSError:
+        return None  # unreadable: the lock or the first write reports it
+    others = [p.name for p in entries if not _belongs(p, checkpoint, run_id)]
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (
+        f"{run_dir} is not a run folder (no run.json or config.yaml) and holds other files "
+        f"({shown}); resuming would write checkpoints and TensorBoard events among them",
+        "it was not a run folder",
+    )
+
+
+def _belongs(path: Path, checkpoint: Path, run_id: str | None) -> bool:
+    """The checkpoint itself, a last.pt/best.pt of the same run, or a trainer's leftover."""
+    name = path.name
+    if (
+        name == LOCK
+        or (name.startswith(".") and ".pt.tmp-" in name)
+        or _same_file(path, checkpoint)
+    ):
+        return True
+    return (
+        name in ("last.pt", "best.pt")
+        and run_id is not None
+        and (checkpoint_owner(path, checkpoint) == run_id)
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def checkpoint_owner(path: Path, checkpoint: Path) -> str | None:
+    """The run id in the checkpoint at `path` (None: none there, it is `checkpoint` itself,
+    it is not a readable checkpoint, or it names no run)."""
+    from cifar_bp.checkpoint import facts_of, load_checkpoint
+
+    if not path.is_file() or path.suffix != ".pt" or _same_file(path, checkpoint):
+        return None
+    try:
+        return facts_of(load_checkpoint(path)).run_id
+    except (CliError, KeyError, TypeError, ValueError):
+        return None
 
 
 class RunLock:

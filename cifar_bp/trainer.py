@@ -49,6 +49,7 @@ class RunResult:
     final_loss: float | None = None  # train loss of the last logged window
     final_loss_per_image: float | None = None  # the same summed per image (mean or sum alike)
     grad_norm_means: dict[str, float] = field(default_factory=dict)
+    completed: bool = False  # stopped by a signal, but only after the last epoch was saved
 
 
 @dataclass
@@ -90,6 +91,8 @@ def train(
                     return result(run, window, stopped_by=stop.name)
                 window.metrics = end_epoch(run, window, time.perf_counter() - started)
                 reporter.epoch_end(run.pos.epoch, window.metrics, time.perf_counter() - started)
+                if stop.requested(run.m.device):  # it came during evaluation or the save
+                    return stopped_at_epoch_end(run, reporter, window, stop.name, resolved)
             run.tracker.hparams(resolved, "STATUS_SUCCESS")
             return result(run, window)
     except Diverged:
@@ -97,6 +100,23 @@ def train(
         raise
     finally:
         run.tracker.close()
+
+
+def stopped_at_epoch_end(
+    run: Run, reporter: Reporter, window: Window, signal_name: str | None, resolved: Config
+) -> RunResult:
+    """A signal during an epoch's evaluation or checkpoint: that checkpoint is whole, so stop
+    there. After the last epoch the run is complete, and the exit code still says why."""
+    done = run.pos.epoch >= run.cfg.train.epochs
+    if done:
+        reporter.note(
+            f"{signal_name} came as the last epoch ended: the run is complete and "
+            f"{run.run_dir / 'last.pt'} holds it (resuming it would train nothing more)"
+        )
+    run.tracker.hparams(resolved, "STATUS_SUCCESS" if done else "STATUS_UNKNOWN")
+    out = result(run, window, stopped_by=signal_name)
+    out.completed = done
+    return out
 
 
 def train_one_epoch(run: Run, reporter: Reporter, stop: StopRequest, window: Window) -> bool:
@@ -311,11 +331,23 @@ def save(run: Run, name: str = "last.pt") -> Path:
         payload = ckpt.capture(run)
         bad = ckpt.first_nonfinite(payload)
         if bad is not None:
-            step = run.pos.global_step
-            raise diverged(run, f"{bad} holds inf/NaN values at step {step}", step)
+            raise diverged(run, *where_nonfinite(run, bad))
         ckpt.save_atomic(payload, path)
     run.world.barrier()
     return path
+
+
+def where_nonfinite(run: Run, bad: str) -> tuple[str, int]:
+    """What a save found non-finite, and the step it began: the first of the unbroken run of
+    non-finite steps that ends here, where there is one (the optimizer state can also
+    overflow under finite losses: then the save's own step)."""
+    step = run.pos.global_step
+    streak = int(run.meters.read()["streak"])
+    what = f"{bad} holds inf/NaN values at step {step}"
+    if streak <= 1:  # no earlier non-finite step to name
+        return what, step
+    first = step - streak + 1
+    return f"{what}; the loss or gradient norm was non-finite from step {first}", first
 
 
 def result(run: Run, window: Window, stopped_by: str | None = None) -> RunResult:

@@ -55,16 +55,12 @@ def test_printed_paths_and_commands_survive_brackets_and_spaces(tmp_path):
     """A '[v2]' in a folder name is text, not a style tag, and the printed commands paste
     into a shell as they are."""
     import shlex
-    import subprocess
-    import sys
 
     from tests.helpers import SMOKE
 
     logdir = tmp_path / "my runs [v2]"
-    argv = [sys.executable, "-m", "cifar_bp", "train", "-c", str(SMOKE), "--logdir", str(logdir),
-            "--run-name", "ab", "--epochs", "1", "--set", "data.train_size=64",
-            "--set", "data.test_size=64"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    out = Cli()("train", "-c", SMOKE, "--logdir", logdir, "--run-name", "ab", "--epochs", "1",
+                "--set", "data.train_size=64", "--set", "data.test_size=64").stdout  # fmt: skip
     assert f"run directory: {logdir / 'ab'}\n" in out
     command = next(line for line in out.splitlines() if line.startswith("TensorBoard:"))
     assert shlex.split(command.removeprefix("TensorBoard:")) == [

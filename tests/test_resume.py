@@ -199,9 +199,16 @@ def test_resume_with_other_epochs_or_batch_follows_the_new_schedule(cli, tmp_pat
 
     done = cli("train", *ONECYCLE, "--epochs", "2", "--logdir", tmp_path, "--run-name", "r")
     assert done.exit_code == 0, done.stderr
+    before = (tmp_path / "r" / "last.pt").read_bytes()
     fewer = cli("train", "--resume", tmp_path / "r", "--epochs", "1")
     assert fewer.exit_code == 0, fewer.stderr
-    assert "already completed 1 epoch(s)" in fewer.stdout + fewer.stderr
+    said = fewer.stdout + fewer.stderr
+    assert (
+        "that run already completed 2 epochs (step 16); --epochs 1 trains nothing more: pass "
+        "--epochs N with N > 2 to go on" in said
+    ), said
+    assert "at epoch 3" not in said
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
     more = cli("train", "--resume", tmp_path / "r", "--epochs", "3", "-q")
     assert more.exit_code == 0, more.stderr
     logged = dict(scalars(tmp_path / "r")["train/lr"])

@@ -79,13 +79,13 @@ def inspect_grads(
     * `cifar-bp inspect-grads --batch-size 1 --reduction none --param model1.conv1.weight`
     * `cifar-bp inspect-grads --checkpoint runs/article`
     """
-    from cifar_bp import grads, grads_view
+    from cifar_bp import grads, grads_log, grads_view
 
     flags = flags_of(reduction=reduction, batch_size=batch_size, seed=seed, device=device)
     cfg, payload = grads.inspect_config(config, flags, set_ or [], checkpoint)
     losses = grads.loss_names(loss) if loss is not None else [cfg.loss.name]
     # a --logdir that cannot be created is found before the work, not after it
-    with grads.tensorboard_dir(logdir) as where:
+    with grads_log.tensorboard_dir(logdir) as where:
         result = grads.inspect_grads(cfg, losses, payload, checkpoint, param, check)
         if json_out:
             for note in result.notes:
@@ -94,7 +94,7 @@ def inspect_grads(
         else:
             grads_view.print_inspection(result)
         if where is not None:
-            grads.write_tensorboard(result, where)
+            grads_log.write_tensorboard(result, where)
             command = f"tensorboard --logdir {shlex.quote(str(where))}"
             typer.echo(f"TensorBoard: {command}", err=json_out)
     failed = [c for c in result.checks or [] if not c.agrees]
