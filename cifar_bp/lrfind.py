@@ -152,7 +152,7 @@ def run_sweep(cfg: Config, options: SweepOptions, reporter: QuietReporter | None
     with StopRequest(World()) as stop:
         # Only now: a config that fails to build leaves no folder. mkdir(exist_ok=False)
         # inside, so a folder that appeared meanwhile is an error, never written into.
-        create_run_dir(run_dir, cfg, new_run_id())
+        create_run_dir(run_dir, cfg, new_run_id(), kind="lr-find")
         measure(sweep, m, loader, reporter or QuietReporter(), stop)
         suggest(sweep)
         write_results(sweep)  # still under the handlers: a repeated SIGTERM cannot cut it

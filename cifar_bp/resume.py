@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cifar_bp.config import Config, resolve_config
 from cifar_bp.errors import UsageError
+from cifar_bp.rundir import TRAINING, kind_of
 
 if TYPE_CHECKING:
     from cifar_bp.checkpoint import Facts
@@ -52,6 +53,12 @@ def locate(spec: str, logdir: Path, run_name: str | None) -> tuple[Path, Path | 
     if spec == "auto":
         return newest_run(logdir, run_name)
     path = Path(spec)
+    folder = path if path.is_dir() else path.parent
+    if kind_of(folder) != TRAINING:
+        raise UsageError(
+            f"--resume {spec}: {folder} holds an {kind_of(folder)} sweep, not a training run; "
+            "start a new run with cifar-bp train instead"
+        )
     if path.is_dir():
         return (path, *checkpoint_in(path))
     if not path.is_file():
@@ -83,7 +90,9 @@ def newest_run(logdir: Path, run_name: str | None) -> tuple[Path, Path | None, l
         folders = [logdir / run_name] if run_name else sorted(logdir.iterdir())
     except OSError:
         folders = []
-    runs = sorted((t, f) for f in folders if f.is_dir() and (t := last_written(f)) > 0)
+    # An lr-find sweep's folder looks like a run's (config.yaml, run.json) but is none.
+    training = [f for f in folders if f.is_dir() and kind_of(f) == TRAINING]
+    runs = sorted((t, f) for f in training if (t := last_written(f)) > 0)
     if not runs:
         named = f" named {run_name}" if run_name else ""
         raise UsageError(f"--resume auto: no run{named} under {logdir}")

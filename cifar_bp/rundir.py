@@ -26,6 +26,7 @@ from cifar_bp.config import Config
 from cifar_bp.errors import CliError, UsageError
 
 IDENTITY = "run.json"
+TRAINING = "train"  # run.json's kind for a training run; lr-find writes "lr-find"
 LOCK = ".lock"
 NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
 
@@ -86,7 +87,9 @@ def plan_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def create_run_dir(run_dir: Path, cfg: Config, run_id: str, chosen: Sequence[str] = ()) -> None:
+def create_run_dir(
+    run_dir: Path, cfg: Config, run_id: str, chosen: Sequence[str] = (), kind: str = TRAINING
+) -> None:
     """The new run's folder with its config.yaml and run.json, whole or not at all: a
     folder left half-written (a full disk) would refuse the rerun as "already exists".
 
@@ -99,14 +102,26 @@ def create_run_dir(run_dir: Path, cfg: Config, run_id: str, chosen: Sequence[str
     try:
         head = [f"# chosen on this machine: {line}" for line in chosen]
         (run_dir / "config.yaml").write_text("".join(f"{h}\n" for h in head) + cfg.to_yaml())
-        write_identity(run_dir, run_id)
+        write_identity(run_dir, run_id, kind)
     except OSError as err:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise CliError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
 
 
-def write_identity(run_dir: Path, run_id: str) -> None:
-    (run_dir / IDENTITY).write_text(json.dumps({"run_id": run_id}) + "\n")
+def write_identity(run_dir: Path, run_id: str, kind: str = TRAINING) -> None:
+    """run.json: the run's id, and its kind (a training run, or an lr-find sweep, which
+    `--resume` must never take for one)."""
+    (run_dir / IDENTITY).write_text(json.dumps({"run_id": run_id, "kind": kind}) + "\n")
+
+
+def kind_of(run_dir: Path) -> str:
+    """What run.json says the folder holds; a training run where it says nothing (run.json
+    files from before the kind was written, or none at all)."""
+    try:
+        kind = json.loads((run_dir / IDENTITY).read_text()).get("kind", TRAINING)
+    except (OSError, ValueError, AttributeError):
+        return TRAINING
+    return kind if isinstance(kind, str) else TRAINING
 
 
 def read_identity(run_dir: Path) -> str | None:

@@ -201,6 +201,19 @@ def test_resume_auto_on_a_newest_run_with_only_best_pt(cli, runs):
     assert load_checkpoint(runs / "a" / "last.pt")["epoch"] == 1
 
 
+def test_an_lr_find_sweep_is_never_taken_for_a_run(cli, runs):
+    """A sweep's folder has config.yaml and run.json like a run's: `--resume auto` passes it
+    over, and naming it is refused, so its events are never purged by a restart."""
+    assert cli("lr-find", *TINY, "--steps", "5", "--logdir", runs, "--run-name", "s").exit_code == 0
+    sweep = tree(runs / "s")
+    result = cli("train", "--resume", "auto", "--logdir", runs, "--epochs", "2")
+    assert result.exit_code == 0, result.stderr
+    assert f"resuming {runs / 'b' / 'last.pt'}" in said(result)  # the newest training run
+    line = one_line_error(cli("train", "--resume", runs / "s"), (2,))
+    assert f"{runs / 's'} holds an lr-find sweep, not a training run" in line
+    assert tree(runs / "s") == sweep
+
+
 def test_resume_auto_with_no_run_is_one_line(cli, tmp_path):
     (tmp_path / "runs" / "not-a-run").mkdir(parents=True)
     line = one_line_error(cli("train", "--resume", "auto", "--logdir", tmp_path / "runs"), (2,))
