@@ -153,14 +153,20 @@ class Tracker:
                                   encoded_image_string=p.png)  # fmt: skip
             file_writer.add_summary(Summary(value=[Summary.Value(tag=p.tag, image=image)]), p.step)
 
-    def hparams(self, cfg: Config, status: str) -> None:
-        """The run's defining keys and its status (running, success, failure, unknown),
+    def hparams(self, cfg: Config, status: str | None = None) -> None:
+        """The run's defining keys, and at its end its status (success, failure, unknown),
         replacing what an earlier call wrote: a run extended by a resume shows its new
-        epochs, and a diverged run shows as a failure. The metric columns are the last
-        values of scalars the run logs anyway, so no one-point `hparam/*` cards appear."""
+        epochs to a TensorBoard started after it, and a diverged run shows as a failure.
+
+        TensorBoard reads the HParams file once, so the status is also appended to the
+        event file it follows: a TensorBoard left open sees the run end. The metric columns
+        are the last values of scalars the run logs anyway (no one-point `hparam/*` cards)."""
         if self.writer is None or self.run_dir is None:
             return
-        write_hparams(Path(self.run_dir) / HPARAMS_FILE, hparam_values(cfg), status)
+        ending = write_hparams(Path(self.run_dir) / HPARAMS_FILE, hparam_values(cfg), status)
+        if ending is not None:
+            self.writer._get_file_writer().add_summary(ending)
+            self.writer.flush()
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -177,8 +183,9 @@ class Tracker:
                 self.writer.close()
 
 
-def write_hparams(path: Path, values: dict[str, float | str], status: str) -> None:
-    """An event file holding only HParams, written whole and renamed into place."""
+def write_hparams(path: Path, values: dict[str, float | str], status: str | None) -> Any:
+    """An event file holding only HParams, written whole and renamed into place; the
+    session's end (with `status`) is in it, and returned, where a status is given."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams import api_pb2
@@ -187,19 +194,27 @@ def write_hparams(path: Path, values: dict[str, float | str], status: str) -> No
     from torch.utils.tensorboard.summary import hparams
 
     experiment, start, _ = hparams(values, dict.fromkeys(METRIC_TAGS, 0.0))
-    end = HParamsPluginData(session_end_info=SessionEndInfo(status=api_pb2.Status.Value(status)))
-    plugin = SummaryMetadata.PluginData(plugin_name="hparams", content=end.SerializeToString())
-    tag = "_hparams_/session_end_info"
-    ending = Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
+    summaries, ending = [experiment, start], None
+    if status is not None:
+        end = HParamsPluginData(
+            session_end_info=SessionEndInfo(status=api_pb2.Status.Value(status))
+        )
+        plugin = SummaryMetadata.PluginData(plugin_name="hparams", content=end.SerializeToString())
+        tag = "_hparams_/session_end_info"
+        ending = Summary(
+            value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))]
+        )
+        summaries.append(ending)
     now = time.time()
     events = [Event(wall_time=now, file_version="brain.Event:2")]
-    events += [Event(wall_time=now, step=0, summary=x) for x in (experiment, start, ending)]
+    events += [Event(wall_time=now, step=0, summary=x) for x in summaries]
     temporary = path.with_name(f".hparams-{os.getpid()}.tmp")  # no "tfevents": never read
     with temporary.open("wb") as out:
         records = RecordWriter(out)
         for event in events:
             records.write(event.SerializeToString())
     os.replace(temporary, path)
+    return ending
 
 
 def discard_events(run_dir: Path) -> None:

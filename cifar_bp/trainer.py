@@ -78,7 +78,7 @@ def train(
             if not run.resumed:
                 start_tensorboard(run, resolved)
             # In HParams from the start, so a run that diverges or is stopped is listed too.
-            run.tracker.hparams(resolved, "STATUS_RUNNING")
+            run.tracker.hparams(resolved)
             window = Window()
             while run.pos.epoch < cfg.train.epochs:
                 reporter.epoch_start(run.pos.epoch + 1, cfg.train.epochs, len(run.train_loader),

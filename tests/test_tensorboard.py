@@ -186,21 +186,32 @@ def hparams_of(run_dir) -> tuple[dict, str]:
     return start.session_start_info.hparams, api_pb2.Status.Name(end.session_end_info.status)
 
 
-def test_a_finished_run_is_a_success_with_one_copy_of_its_hparams(run):
+def test_a_finished_run_is_a_success_also_to_a_tensorboard_left_open(run):
+    """The keys live in their own file, read first; TensorBoard reads it once, so the end of
+    the run is also in the event file it keeps following."""
     run_dir, _ = run
     assert hparams_of(run_dir)[1] == "STATUS_SUCCESS"
-    files = [p.name for p in run_dir.glob("events.out.tfevents.*")]
-    held = [name for name in files if holds_hparams(run_dir / name)]
-    assert held == [HPARAMS_FILE], files
+    followed = [p for p in run_dir.glob("events.out.tfevents.*") if p.name != HPARAMS_FILE]
+    assert len(followed) == 1
+    assert set(hparams_tags(run_dir / HPARAMS_FILE)) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    content = hparams_tags(followed[0])
+    assert list(content) == ["_hparams_/session_end_info"]  # the keys once, in their file
+    end = HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
+    assert end.status == 1  # api_pb2.STATUS_SUCCESS
 
 
-def holds_hparams(path) -> bool:
+def hparams_tags(path) -> dict[str, bytes]:
+    """The HParams summaries one event file holds, by tag."""
     acc = EventAccumulator(str(path))
     acc.Reload()
     try:
-        return bool(acc.PluginTagToContent("hparams"))
+        return acc.PluginTagToContent("hparams")
     except KeyError:  # no summary of that plugin in this file
-        return False
+        return {}
 
 
 def test_an_extended_run_shows_its_new_epochs_and_a_diverged_one_its_failure(cli, tmp_path):
