@@ -238,12 +238,18 @@ def per_image_note(outcomes: list[ComparedRun]) -> str:
     """How each run's loss was brought to one image, for the reductions in the table."""
     how = []
     if any(o.cfg.loss.reduction == "sum" for o in outcomes):
-        how.append(f"sum ÷ N = {outcomes[0].cfg.train.batch_size} images of a batch")
+        how.append(f"sum ÷ the images summed (N = {outcomes[0].cfg.train.batch_size} a full batch)")
     if any(o.cfg.loss.reduction == "mean" and o.cfg.loss.name != "ce" for o in outcomes):
         c = NUM_CLASSES
         how.append(f"MSE/L1 mean × {c} (mean averaged all N·{c} one-hot entries)")
     if any(o.cfg.loss.reduction == "mean" and o.cfg.loss.name == "ce" for o in outcomes):
-        how.append("CE mean as it is (already averaged over the N images)")
+        weighted = any(
+            o.cfg.loss.weight is not None or o.cfg.loss.ignore_index >= 0 for o in outcomes
+        )
+        how.append(
+            "CE mean × the class weight it divided by, ÷ N" if weighted
+            else "CE mean as it is (already averaged over the N images)"
+        )  # fmt: skip
     return "train loss per image: " + "; ".join(how)
 
 

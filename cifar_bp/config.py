@@ -61,11 +61,7 @@ Path_ = Annotated[str, Field(min_length=1), AfterValidator(_path)]
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never be silently ignored.
-    # coerce_numbers_to_str: `--set log.run_name=2024` reads 2024 as YAML's int; a name or a
-    # path made of digits is still a name, as it is through --run-name.
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True
-    )
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -308,6 +304,10 @@ def resolve_config(
             origins.append((parts, where))
     for item in sets or []:
         key, value = parse_set(item)
+        if is_text_key(key) and isinstance(value, int | float) and not isinstance(value, bool):
+            # A name or path made of digits is text: `--set log.run_name=007` means "007",
+            # which YAML would read as the number 7.
+            value = item.partition("=")[2].strip()
         where = f"--set {_flat(item)}"
         _assign(tree, tuple(key.split(".")), value, where, origins)
         origins.append((tuple(key.split(".")), where))
@@ -363,6 +363,8 @@ def _origin(loc: tuple, origins: Origins) -> str | None:
 
 def _accepts(msg: str) -> str:
     msg = re.sub(r"^(Input|String|List|Tuple|Dictionary) should", "must", msg)
+    # A YAML file's `run_name: 007` is the number 7 by the time we see it: ask for quotes.
+    msg = msg.replace("must be a valid string", "must be text (quote a name made of digits)")
     # A section given a plain value: pydantic would name our internal class.
     msg = re.sub(r"must be a valid dictionary or instance of \w+", "must be a mapping of keys", msg)
     return msg.replace("Value error, ", "").replace("Field required", "is missing")
@@ -370,6 +372,14 @@ def _accepts(msg: str) -> str:
 
 def _flat(text: str) -> str:
     return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
+def is_text_key(key: str) -> bool:
+    """Whether the schema wants text at `section.key` (a name, a path, the device)."""
+    section = _section_of(key)
+    field = section.model_fields.get(key.rpartition(".")[2]) if section else None
+    annotation = getattr(field, "annotation", None)
+    return annotation is str or str in getattr(annotation, "__args__", ())
 
 
 def _section_of(key: str) -> type[BaseModel] | None:

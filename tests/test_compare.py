@@ -89,7 +89,10 @@ def test_losses_per_image_compare_mean_with_sum(comparison):
     # adam divides the loss's scale away: both reductions learn alike, and the note says so
     assert "adam divides each step by the gradient's own running size" in result.stdout
     assert "reduction only rescales the loss" in result.stdout
-    assert "sum ÷ N = 32 images" in result.stdout and "MSE/L1 mean × 10" in result.stdout
+    assert (
+        "sum ÷ the images summed (N = 32 a full batch)" in result.stdout
+        and "MSE/L1 mean × 10" in result.stdout
+    )
 
 
 @pytest.mark.slow

@@ -177,6 +177,8 @@ def test_extends_chains_deep_merge_relative_to_each_file(tmp_path):
         ("train.amp=false", "train.amp", False),
         ("log.run_name=2024", "log.run_name", "2024"),  # digits are a name, as with --run-name
         ("data.root=2024", "data.root", "2024"),
+        ("log.run_name=007", "log.run_name", "007"),  # as typed, not YAML's number 7
+        ("data.cache_dir=0x1F", "data.cache_dir", "0x1F"),
         # The shell expands no `~` after "data.root=": the config does, as a shell would.
         ("data.root=~/photos", "data.root", str(Path.home() / "photos")),
         # Adam and AdamW use no momentum, so nesterov's need for one does not apply to them.

@@ -122,6 +122,7 @@ FILE_CASES = [
     ("epochs-yes", "train:\n  epochs: yes\n", "self", "train.epochs: must be a valid integer"),
     ("lr-quoted", "optim:\n  lr: '0.1'\n", "self", "optim.lr: must be a valid number (got '0.1')"),
     ("section-a-number", "train: 5\n", "self", "train: must be a mapping of keys (got 5)"),
+    ("run-name-digits", "log:\n  run_name: 007\n", "self", "log.run_name: must be text (quote"),
     (
         "duplicate-section",
         "optim:\n  lr: 0.1\noptim:\n  lr: 0.2\n",
