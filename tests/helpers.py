@@ -11,6 +11,8 @@ from cifar_bp.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
+# A run of two steps an epoch: smoke.yaml on 128 images, scored on 64.
+TINY = ["-c", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
 
 
 class Cli:
@@ -45,3 +47,10 @@ def smoke_scalars(
     result = cli("train", "--config", SMOKE, "--logdir", logdir, "-q", *args, *flags)
     assert result.exit_code == 0, result.stderr
     return scalars(only_run(logdir))
+
+
+def train_run(logdir: Path, name: str, *args: str) -> Path:
+    """`train ARGS --logdir LOGDIR --run-name NAME`, which must succeed; the run's folder."""
+    result = Cli()("train", *args, "--logdir", logdir, "--run-name", name)
+    assert result.exit_code == 0, result.stderr
+    return logdir / name

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cifar_bp import checkpoint as ckpt
 from cifar_bp.errors import CliError
-from tests.helpers import SMOKE
+from tests.helpers import SMOKE, train_run
 
 TINY = ["--config", str(SMOKE), "-q", "--set", "data.train_size=128",
         "--set", "data.test_size=64", "--set", "train.ema_decay=0.9"]  # fmt: skip
@@ -31,15 +31,7 @@ CONV = "model1.conv1.weight"
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
     """last.pt of a one-epoch smoke run that keeps a weight average."""
-    from typer.testing import CliRunner
-
-    from cifar_bp.cli import app
-
-    tmp = tmp_path_factory.mktemp("good")
-    args = ["train", *TINY, "--epochs", "1", "--logdir", str(tmp), "--run-name", "good"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return tmp / "good" / "last.pt"
+    return train_run(tmp_path_factory.mktemp("good"), "good", *TINY, "--epochs", "1") / "last.pt"
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ import torch
 
 from cifar_bp import trainer
 from cifar_bp.checkpoint import facts_of, load_checkpoint
-from tests.helpers import SMOKE, Cli
+from tests.helpers import SMOKE, TINY, Cli
 
-TINY = ["-c", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
 STEPS = 2  # an epoch of TINY: 128 images in batches of 64
 
 
@@ -49,22 +48,6 @@ def run_id(path: Path) -> str | None:
 
 def said(result) -> str:
     return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A logdir with two finished one-epoch runs, `a` and `b`; tests work on copies."""
-    logdir = tmp_path_factory.mktemp("trained") / "runs"
-    for name, seed in [("a", "0"), ("b", "1")]:
-        result = Cli()("train", *TINY, "--epochs", "1", "--seed", seed, "--logdir", logdir,
-                       "--run-name", name)  # fmt: skip
-        assert result.exit_code == 0, result.stderr
-    return logdir
-
-
-@pytest.fixture
-def runs(trained, tmp_path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "runs"))
 
 
 # --- A folder that is not the checkpoint's run's is refused (issue 14, class 2) --------------

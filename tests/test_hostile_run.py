@@ -23,9 +23,7 @@ from tensorboard.backend.event_processing.plugin_event_accumulator import (
     EventAccumulator as ServedAccumulator,
 )
 
-from tests.helpers import ROOT, SMOKE, Cli, scalars
-
-TINY = ["-c", str(SMOKE), "-q", "--set", "data.train_size=128", "--set", "data.test_size=64"]
+from tests.helpers import ROOT, SMOKE, TINY, Cli, scalars
 
 
 def one_line_error(result, codes: tuple[int, ...]) -> str:
@@ -59,22 +57,6 @@ def assert_finite_checkpoint(path: Path) -> None:
 
 def files(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".pt"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A logdir with two finished one-epoch runs, `a` and `b`; tests work on copies."""
-    logdir = tmp_path_factory.mktemp("trained") / "runs"
-    for name, seed in [("a", "0"), ("b", "1")]:
-        result = Cli()("train", *TINY, "--epochs", "1", "--seed", seed, "--logdir", logdir,
-                       "--run-name", name)  # fmt: skip
-        assert result.exit_code == 0, result.stderr
-    return logdir
-
-
-@pytest.fixture
-def runs(trained, tmp_path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "runs"))
 
 
 # --- 1. Non-finite weights never reach disk, and such a run never exits 0 ------------------

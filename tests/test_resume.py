@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar_bp.checkpoint import load_checkpoint
-from tests.helpers import ROOT, SMOKE, scalars
+from tests.helpers import ROOT, SMOKE, scalars, train_run
 
 # Small but real: 8 steps an epoch, with on-device augmentation so its RNG is exercised too,
 # and a weight average, so its state must survive the interruption as well.
@@ -36,15 +36,7 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The reference: 2 epochs without interruption."""
-    from typer.testing import CliRunner
-
-    from cifar_bp.cli import app
-
-    logdir = tmp_path_factory.mktemp("straight")
-    args = ["train", *FAST, "--epochs", "2", "--logdir", str(logdir), "--run-name", "ref"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    return logdir / "ref"
+    return train_run(tmp_path_factory.mktemp("straight"), "ref", *FAST, "--epochs", "2")
 
 
 def test_resume_after_an_epoch_is_bitwise_identical(cli, tmp_path, straight):
