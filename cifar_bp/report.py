@@ -6,6 +6,7 @@ goes to stdout.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,14 @@ class QuietReporter:
         pass
 
 
+def silence_stdout() -> None:
+    """Point file descriptor 1 at the null device, so no later write (ours, or Python's own
+    flush at exit) meets the closed pipe again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 class PlainReporter(QuietReporter):
     """One line per log point: readable in CI logs, files and `tee`."""
 
@@ -46,7 +55,12 @@ class PlainReporter(QuietReporter):
         self.epoch, self.epochs, self.steps = 0, 0, 0
 
     def note(self, message: str) -> None:
-        print(f"{self.prefix}{message}", flush=True)
+        try:
+            print(f"{self.prefix}{message}", flush=True)
+        except BrokenPipeError:
+            # `cifar-bp train | head -1`: the reader has gone, the run has not. Later output
+            # goes nowhere and training goes on to its checkpoints (Ctrl-C still stops it).
+            silence_stdout()
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
         self.epoch, self.epochs, self.steps = epoch, epochs, steps

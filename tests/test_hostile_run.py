@@ -418,3 +418,20 @@ def test_a_claimed_run_folder_stays_locked_until_its_training_ends(runs, monkeyp
     with pytest.raises(CliError):
         setup.build_run(start.cfg, start)
     RunLock(runs / "b").acquire()  # the failed build did not keep it
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_stops_the_output_not_the_run(tmp_path):
+    """`cifar-bp train | head -1`: the closed pipe silences the progress lines; the run still
+    trains to its end and saves, with nothing on stderr but its own notes."""
+    train = [sys.executable, "-m", "cifar_bp", "train", *TINY, "--epochs", "2", "--logdir",
+             str(tmp_path), "--run-name", "r", "--set", "log.every_n_steps=1"]  # fmt: skip
+    train.remove("-q")  # progress lines, one a step: the second write meets the closed pipe
+    producer = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert producer.stdout is not None
+    first = producer.stdout.readline()
+    producer.stdout.close()  # as head does after its line
+    _, err = producer.communicate(timeout=120)
+    assert first and producer.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 2
