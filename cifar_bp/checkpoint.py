@@ -9,6 +9,7 @@ is ever written: a diverged run keeps its last finite checkpoint.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import math
 import os
@@ -35,6 +36,7 @@ FORMAT_VERSION = 2
 REQUIRED = ("format_version", "model", "config", "epoch", "step_in_epoch", "global_step")
 TEMP_PREFIX = "."  # temporary files are `.<name>.tmp-<pid>` beside the checkpoint
 TEMP_MARK = ".tmp-"
+TEMP_GLOB = f"{TEMP_PREFIX}*.pt{TEMP_MARK}*"  # what save_atomic's temporary files look like
 ELSEWHERE = "use another checkpoint or start a new run"
 ON_RESUME = "resume from another checkpoint or start a new run"
 
@@ -127,7 +129,8 @@ def check_optimizer_fits(
 
 
 def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The config the checkpoint was trained with, as plain data; it is valid (see run_config)."""
+    """The config the checkpoint was trained with, as plain data (valid: load_checkpoint
+    has checked it)."""
     cfg = payload.get("config")
     if not isinstance(cfg, dict):
         raise CliError(f"{path}: the checkpoint holds no config")
@@ -136,13 +139,12 @@ def config_of(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     train = cfg.get("train")
     if isinstance(train, dict) and "eval_shift" not in train:
         cfg = {**cfg, "train": {**train, "eval_shift": 0}}
-    _validate_config(cfg, path)
     return cfg
 
 
 def run_config(payload: dict[str, Any], path: Path) -> Config:
     """The config the checkpoint was trained with, as the validated model."""
-    return Config.model_validate(config_of(payload, path))  # config_of has checked it
+    return Config.model_validate(config_of(payload, path))  # load_checkpoint checked it
 
 
 def _validate_config(cfg: dict[str, Any], path: Path) -> Config:
@@ -218,11 +220,16 @@ def clean_temporaries(run_dir: Path) -> list[str]:
     """Remove temporary checkpoint files a killed process left behind (we hold the run's
     lock, so none of them is being written)."""
     removed = []
-    for tmp in run_dir.glob(f"{TEMP_PREFIX}*.pt{TEMP_MARK}*"):
+    for tmp in run_dir.glob(TEMP_GLOB):
         with contextlib.suppress(OSError):
             tmp.unlink()
             removed.append(tmp.name)
     return removed
+
+
+def is_temporary(name: str) -> bool:
+    """A file name of save_atomic's temporary files (one a killed process may leave)."""
+    return fnmatch.fnmatch(name, TEMP_GLOB)
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -320,7 +327,7 @@ def check_payload(payload: dict[str, Any], path: Path) -> None:
     bad = first_nonfinite(payload)
     if bad is not None:
         raise damaged(path, f"{bad} holds inf/NaN values")
-    config_of(payload, path)
+    _validate_config(config_of(payload, path), path)
 
 
 # --- The payload's schema: key -> (does the value fit, what it must be). A dotted key is

@@ -197,12 +197,10 @@ def stranger_folder(run_dir: Path, checkpoint: Path, run_id: str | None) -> tupl
 
 def _belongs(path: Path, checkpoint: Path, run_id: str | None) -> bool:
     """The checkpoint itself, a last.pt/best.pt of the same run, or a trainer's leftover."""
+    from cifar_bp.checkpoint import is_temporary
+
     name = path.name
-    if (
-        name == LOCK
-        or (name.startswith(".") and ".pt.tmp-" in name)
-        or _same_file(path, checkpoint)
-    ):
+    if name == LOCK or is_temporary(name) or _same_file(path, checkpoint):
         return True
     return (
         name in ("last.pt", "best.pt")

@@ -70,11 +70,11 @@ def train(
 ) -> RunResult:
     """Build the run, then: for each epoch, train, evaluate, log and checkpoint."""
     run = build_run(cfg, start or Start(cfg), force)
+    resolved = run.hardware.apply(cfg)  # `auto` as resolved, for what TensorBoard shows
     try:
         with run.lock, StopRequest(run.world) as stop:
             for note in run.data.notes:
                 reporter.note(note)
-            resolved = run.hardware.apply(cfg)  # `auto` as resolved, for what TensorBoard shows
             if not run.resumed:
                 start_tensorboard(run, resolved)
             # In HParams from the start, so a run that diverges or is stopped is listed too.
@@ -96,7 +96,7 @@ def train(
             run.tracker.hparams(resolved, "STATUS_SUCCESS")
             return result(run, window)
     except Diverged:
-        run.tracker.hparams(run.hardware.apply(cfg), "STATUS_FAILURE")
+        run.tracker.hparams(resolved, "STATUS_FAILURE")
         raise
     finally:
         run.tracker.close()
@@ -341,12 +341,11 @@ def where_nonfinite(run: Run, bad: str) -> tuple[str, int]:
     """What a save found non-finite, and the step it began: the first of the unbroken run of
     non-finite steps that ends here, where there is one (the optimizer state can also
     overflow under finite losses: then the save's own step)."""
-    step = run.pos.global_step
-    streak = int(run.meters.read()["streak"])
+    step, values = run.pos.global_step, run.meters.read()
     what = f"{bad} holds inf/NaN values at step {step}"
-    if streak <= 1:  # no earlier non-finite step to name
+    if values["streak"] <= 1:  # no earlier non-finite step to name
         return what, step
-    first = step - streak + 1
+    first = int(values["streak_start"])  # as check_health names it
     return f"{what}; the loss or gradient norm was non-finite from step {first}", first
 
 
