@@ -228,7 +228,7 @@ def compare(
         plan_comparison,
         run_comparison,
     )
-    from cifar_bp.distributed import world_from_env
+    from cifar_bp.distributed import shutdown, world_from_env
     from cifar_bp.report import console
     from cifar_bp.signals import EXIT_CODES
 
@@ -240,6 +240,7 @@ def compare(
         outcomes = run_comparison(plan, reporter)
     finally:
         reporter.close()
+        shutdown(world_from_env())  # under torchrun: gloo's threads must not outlive it
     if main_rank:
         for part in comparison_tables(outcomes, console.width):
             console.print(part)

@@ -46,7 +46,7 @@ def train(
     * `cifar-bp train --set optim.name=adam --set optim.lr=3e-3 --set train.ema_decay=0.999`
     * `cifar-bp train --resume runs/article` (after Ctrl-C: picks up at the same step)
     """
-    from cifar_bp.distributed import world_from_env
+    from cifar_bp.distributed import shutdown, world_from_env
     from cifar_bp.report import make_reporter, print_run_summary
     from cifar_bp.resume import prepare_resume
     from cifar_bp.signals import EXIT_CODES
@@ -60,6 +60,7 @@ def train(
         result = run_training(start.cfg, reporter, start, force)
     finally:
         reporter.close()
+        shutdown(world_from_env())  # under torchrun: gloo's threads must not outlive it
     if world_from_env().is_main:
         print_run_summary(result, quiet)
     if result.stopped_by:
